@@ -100,8 +100,10 @@ class App:
         _registry.append(self)
 
     def route(self, path: str, methods: list[str] | tuple[str, ...] = ("GET",)) -> Callable[[Handler], Handler]:
+        pattern = _compile(path)
+
         def register(handler: Handler) -> Handler:
-            self.routes.append(_Route(_compile(path), frozenset(m.upper() for m in methods), handler))
+            self.routes.append(_Route(pattern, frozenset(m.upper() for m in methods), handler))
             return handler
 
         return register

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from .errors import LLMError, RuntimeFailure, from_wit
+from .errors import InvalidInput, LLMError, RuntimeFailure, from_wit
 
 # Spin's defaults; the host applies the same ones when an app passes no parameters at all.
 DEFAULTS = {
@@ -62,6 +62,11 @@ def _params(options: Mapping[str, Any]) -> Any:
     if unknown:
         raise TypeError(f"unknown llm parameter(s): {', '.join(sorted(unknown))}")
     values = {**DEFAULTS, **given}
+    # The WIT types are unsigned: a negative or huge value would trap in the bindings, so say so here.
+    for name in ("max_tokens", "top_k", "repeat_penalty_last_n"):
+        _check_u32(name, values[name])
+    if values.get("seed") is not None and not 0 <= int(values["seed"]) < 2**64:
+        raise InvalidInput(f"invalid params: seed must fit in a u64, got {values['seed']}")
     stop = values.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
@@ -75,6 +80,11 @@ def _params(options: Mapping[str, Any]) -> Any:
         stop=list(stop),
         seed=None if values.get("seed") is None else int(values["seed"]),
     )
+
+
+def _check_u32(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or not 0 <= int(value) < 2**32:
+        raise InvalidInput(f"invalid params: {name} must be between 0 and 2**32-1, got {value!r}")
 
 
 def _messages(messages: Iterable[Mapping[str, str] | Sequence[str]]) -> list[Any]:
@@ -140,7 +150,10 @@ def tokenize(text: str, model: str | None = None) -> list[int]:
 
 
 def detokenize(tokens: Sequence[int], model: str | None = None) -> str:
-    return _call(_bindings().detokenize, model or "", [int(t) for t in tokens])
+    tokens = [int(t) for t in tokens]
+    for t in tokens:
+        _check_u32("token", t)
+    return _call(_bindings().detokenize, model or "", tokens)
 
 
 __all__ = [

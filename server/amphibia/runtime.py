@@ -226,6 +226,11 @@ class Runtime:
             return response
         except wasmtime.WasmtimeError as exc:
             raise _classify(exc, err.tail, app) from None
+        except AmphibiaError:
+            raise
+        except Exception as exc:  # wasmtime-py could not convert a value: a host bug, not a guest one
+            log.exception("app=%s request=%s failed in the host", app.name, request_id)
+            raise GuestError(f"app {app.name!r} failed: {exc}") from None
         finally:
             for resource in ctx.close():
                 resource.cancel()

@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 from wasmtime.component import LinkerInstance, Record, ResourceHost, ResourceType, Variant
 
+from . import wit_values
+
 from .. import errors
 from ..engine import Engine, GenerateRequest, SamplingParams, TokenStream
 from .context import RequestContext, current
@@ -18,6 +20,7 @@ INTERFACE = "amphibia:ai/llm@0.1.0"
 TOKEN_STREAM = 1  # our host-defined resource type id for `token-stream`
 MAX_EMBED_TEXTS = 256
 log = logging.getLogger("amphibia.llm")
+wit_values.fix_result_lowering()
 
 
 def _record(**fields: Any) -> Record:
@@ -73,12 +76,17 @@ class LlmHost:
                 f"app's app.toml or its [apps.{ctx.app.name}] table in amphibia.toml")
         return model
 
-    def _guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """Run `fn` with the request's context, outside the guest's CPU deadline, errors as WIT values."""
+    def _guard(self, fn: Callable[..., Any], method: bool = False) -> Callable[..., Any]:
+        """Run `fn` with the request's context, outside the guest's CPU deadline, errors as WIT values.
+
+        For a resource `method`, the borrowed handle arrives as `ResourceAny`; `fn` gets its rep.
+        """
 
         def call(store: Any, *args: Any) -> Any:
             ctx = current.get()
             try:
+                if method:
+                    args = (args[0].to_host(store).rep, *args[1:])
                 with ctx.host_wait():
                     return fn(ctx, *args)
             except errors.AmphibiaError as exc:
@@ -123,8 +131,8 @@ class LlmHost:
     def chat_stream(self, ctx: RequestContext, model: str, messages: Any, params: Any) -> ResourceHost:
         return self._open_stream(ctx, self._request(ctx, model, params, messages=messages))
 
-    def stream_next(self, ctx: RequestContext, handle: ResourceHost) -> str | None:
-        stream: TokenStream | None = ctx.resources.get(handle.rep)
+    def stream_next(self, ctx: RequestContext, rep: int) -> str | None:
+        stream: TokenStream | None = ctx.resources.get(rep)
         if stream is None:
             raise errors.InvalidInput("token stream is closed")
         return stream.next_piece()
@@ -156,7 +164,7 @@ class LlmHost:
             li.add_func("chat", self._guard(self.chat))
             li.add_func("infer-stream", self._guard(self.infer_stream))
             li.add_func("chat-stream", self._guard(self.chat_stream))
-            li.add_func("[method]token-stream.next", self._guard(self.stream_next))
+            li.add_func("[method]token-stream.next", self._guard(self.stream_next, method=True))
             li.add_func("generate-embeddings", self._guard(self.generate_embeddings))
             li.add_func("tokenize", self._guard(self.tokenize))
             li.add_func("detokenize", self._guard(self.detokenize))

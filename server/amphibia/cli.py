@@ -1,0 +1,135 @@
+"""The `amphibia` command: new, build, up, models, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import jinja2
+
+from .config import APP_NAME, load_config
+from .errors import AmphibiaError
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    name = args.name
+    if not APP_NAME.match(name):
+        raise AmphibiaError(f"app name {name!r} must be lowercase letters, digits, '-' or '_'")
+    target = Path(args.dir) / name
+    if target.exists():
+        raise AmphibiaError(f"{target} already exists")
+    env = jinja2.Environment(loader=jinja2.PackageLoader("amphibia", "templates/new"), keep_trailing_newline=True)
+    target.mkdir(parents=True)
+    for template in ("app.py.j2", "app.toml.j2"):
+        text = env.get_template(template).render(name=name, description=args.description)
+        (target / template.removesuffix(".j2")).write_text(text)
+    print(f"created {target}/app.py and app.toml; next: amphibia build {target}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import build
+
+    result = build(args.app_dir, args.output, force=args.force)
+    state = "built" if result.rebuilt else "up to date"
+    print(f"{result.wasm} {state} (sha256 {result.sha256[:16]}, {result.manifest['wasm_bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .gateway import create_app
+
+    config = load_config(args.target)
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    print(f"Amphibia: {len(config.apps)} app(s) on http://{host}:{port}/ ({', '.join(config.apps) or 'none'})",
+          flush=True)
+    uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level, access_log=args.access_log)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    config = load_config(args.target)
+    rows = []
+    for spec in config.models.values():
+        try:
+            path, ok = str(spec.gguf_path()), True
+        except AmphibiaError as exc:
+            path, ok = exc.message, False
+        rows.append({"name": spec.name, "path": path, "available": ok, "n_ctx": spec.n_ctx,
+                     "gpu_layers": spec.gpu_layers, "description": spec.description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:<12} n_ctx={r['n_ctx']:<6} gpu_layers={r['gpu_layers']:<4} "
+                  f"{'ok ' if r['available'] else 'MISSING '}{r['path']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "cold-start":
+        from .bench.cold_start import main as bench_main
+
+        return bench_main(args)
+    raise AmphibiaError(f"unknown benchmark {args.which!r}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="amphibia", description="Python AI apps as WebAssembly components.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("new", help="scaffold an app")
+    s.add_argument("name")
+    s.add_argument("--dir", default=".", help="parent folder (default: .)")
+    s.add_argument("--description", default="An Amphibia app.")
+    s.set_defaults(fn=cmd_new)
+
+    s = sub.add_parser("build", help="compile an app folder to app.wasm")
+    s.add_argument("app_dir")
+    s.add_argument("-o", "--output", help="output folder (default: APP_DIR/.amphibia)")
+    s.add_argument("--force", action="store_true", help="rebuild even if sources are unchanged")
+    s.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("up", help="serve apps (an amphibia.toml, a folder of apps, or one app)")
+    s.add_argument("target", nargs="?")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--log-level", default="info")
+    s.add_argument("--access-log", action="store_true")
+    s.set_defaults(fn=cmd_up)
+
+    s = sub.add_parser("models", help="list the model registry")
+    s.add_argument("target", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_models)
+
+    s = sub.add_parser("bench", help="run a benchmark; the last line printed is JSON")
+    s.add_argument("which", choices=["cold-start"])
+    s.add_argument("--json", action="store_true", help="print only the JSON result line")
+    s.add_argument("--app", default=None, help="app folder (default: examples/chat)")
+    s.add_argument("-n", "--requests", type=int, default=300)
+    s.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except AmphibiaError as exc:
+        print(f"amphibia: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

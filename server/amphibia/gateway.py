@@ -1,0 +1,204 @@
+"""The Starlette gateway: app routes, health, and the index page.
+
+One app request: HTTP -> `app_route` -> `Runtime.handle_async` (fresh instance in a guest thread)
+-> the app's `llm` imports -> `host.llm` -> the engine -> tokens back.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from .build import build
+from .config import AppSpec, Config
+from .engine import Engine
+from .errors import AmphibiaError, AppNotFound, BadRequest, Overloaded
+from .host.llm import LlmHost
+from .runtime import HttpRequest, Runtime
+
+log = logging.getLogger("amphibia.gateway")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+_pages = jinja2.Environment(
+    loader=jinja2.PackageLoader("amphibia", "templates"), autoescape=jinja2.select_autoescape(["html"])
+)
+
+
+@dataclass
+class LoadedApp:
+    spec: AppSpec
+    component: Any
+    manifest: dict
+
+
+@dataclass
+class Gateway:
+    """What the routes share: set up once at startup, read-only afterwards."""
+
+    config: Config
+    engine: Engine
+    runtime: Runtime
+    apps: dict[str, LoadedApp] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # app name -> build error, shown on the index
+
+
+def error_response(exc: AmphibiaError, request_id: str = "") -> JSONResponse:
+    headers = {"x-request-id": request_id} if request_id else {}
+    if isinstance(exc, Overloaded):
+        headers["retry-after"] = str(max(1, round(exc.retry_after_ms / 1000)))
+    return JSONResponse(exc.to_json(), exc.status, headers)
+
+
+def load_apps(gateway: Gateway) -> None:
+    """Build (if sources changed) and load every configured app; a broken app does not stop the others."""
+    for spec in gateway.config.apps.values():
+        try:
+            result = build(spec.path, name=spec.name)
+            component = gateway.runtime.load(result.wasm, result.sha256)
+            gateway.apps[spec.name] = LoadedApp(spec, component, result.manifest)
+            log.info("app %s ready (%s, %s)", spec.name, result.sha256[:12], "built" if result.rebuilt else "cached")
+        except AmphibiaError as exc:
+            gateway.failed[spec.name] = exc.message
+            log.error("app %s not served: %s", spec.name, exc.message)
+
+
+async def app_route(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    name = request.path_params["name"]
+    rid = request.headers.get("x-request-id", "")
+    rid = rid if REQUEST_ID.match(rid) else uuid.uuid4().hex[:12]
+    try:
+        app = gateway.apps.get(name)
+        if app is None:
+            why = gateway.failed.get(name)
+            raise AppNotFound(f"app {name!r} failed to build: {why}" if why else f"no app named {name!r}")
+        body = await _read_body(request, gateway.config.server.max_body_bytes)
+        http = HttpRequest(
+            method=request.method,
+            path="/" + request.path_params.get("path", ""),
+            query=request.url.query,
+            headers=[(k, v) for k, v in request.headers.items()],
+            body=body,
+        )
+        res = await gateway.runtime.handle_async(app.spec, app.component, http, rid)
+    except AmphibiaError as exc:
+        log.warning("app=%s request=%s %s %s -> %d %s: %s", name, rid, request.method, request.url.path,
+                    exc.status, exc.type, exc.message)
+        return error_response(exc, rid)
+    headers = [(k.lower(), v) for k, v in res.headers if k.lower() not in ("content-length", "transfer-encoding")]
+    response = Response(res.body, res.status)
+    for key, value in headers:
+        response.headers.append(key, value)
+    response.headers["x-request-id"] = rid
+    return response
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> BadRequest:
+    exc = BadRequest(f"request body is larger than {limit} bytes")
+    exc.status, exc.type = 413, "body_too_large"
+    return exc
+
+
+async def app_root(request: Request) -> Response:
+    return RedirectResponse(f"/apps/{request.path_params['name']}/", 308)
+
+
+async def index(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    page = _pages.get_template("index.html").render(
+        apps=[a.spec for a in gateway.apps.values()], failed=gateway.failed,
+        models=sorted(gateway.config.models),
+    )
+    return HTMLResponse(page)
+
+
+async def healthz(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    return JSONResponse({
+        "status": "ok",
+        "apps": sorted(gateway.apps),
+        "failed": sorted(gateway.failed),
+        "models": sorted(gateway.config.models),
+        "in_flight": gateway.runtime.in_flight,
+    })
+
+
+async def list_apps(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    return JSONResponse({"apps": [
+        {"name": a.spec.name, "description": a.spec.description, "model": a.spec.model,
+         "allowed_models": list(a.spec.allowed_models), "url": f"/apps/{a.spec.name}/",
+         "wasm_sha256": a.manifest.get("wasm_sha256")}
+        for a in gateway.apps.values()
+    ]})
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse({"error": {"type": kind, "message": exc.detail}}, exc.status_code)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path)
+    return JSONResponse({"error": {"type": "internal_error", "message": str(exc)}}, 500)
+
+
+def create_app(config: Config, engine: Engine | None = None, warm_model: bool = True) -> Starlette:
+    """The ASGI app. `engine` defaults to in-process llama.cpp over the configured models."""
+    if engine is None:
+        from .local_engine import LocalEngine
+
+        engine = LocalEngine(config.models)
+    runtime = Runtime([LlmHost(engine)], config.server.cache_dir, config.server.guest_threads,
+                      config.server.queue_limit)
+    gateway = Gateway(config, engine, runtime)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await asyncio.to_thread(load_apps, gateway)
+        if warm_model and hasattr(engine, "warm"):
+            defaults = {a.spec.model for a in gateway.apps.values()} or set(list(config.models)[:1])
+            for model in defaults:
+                await asyncio.to_thread(engine.warm, model)
+        yield
+        runtime.close()
+        engine.close()
+
+    app = Starlette(
+        routes=[
+            Route("/", index),
+            Route("/healthz", healthz),
+            Route("/api/apps", list_apps),
+            Route("/apps/{name}", app_root, methods=METHODS),
+            Route("/apps/{name}/{path:path}", app_route, methods=METHODS),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,178 @@
+"""Real components through the real gateway over real HTTP, with the real model at temperature 0."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+
+import httpx
+
+
+def error_of(res: httpx.Response) -> dict:
+    body = res.json()
+    assert set(body) == {"error"} and {"type", "message"} <= set(body["error"]), body
+    return body["error"]
+
+
+def test_health_and_index(http: httpx.Client) -> None:
+    health = http.get("/healthz").json()
+    assert health["status"] == "ok"
+    assert {"chat", "summarize", "embed-search", "tokens", "misbehave"} <= set(health["apps"])
+    page = http.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'data-app="chat"' in page.text and "embed-search" in page.text
+    apps = {a["name"]: a for a in http.get("/api/apps").json()["apps"]}
+    assert len(apps["chat"]["wasm_sha256"]) == 64
+
+
+def test_chat_greedy_answer(http: httpx.Client) -> None:
+    res = http.post("/apps/chat/", json={
+        "messages": [{"role": "system", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"},
+                     {"role": "user", "content": "What is the capital of France? Answer in two sentences."}],
+        "temperature": 0, "max_tokens": 32})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["reply"] == "The capital of France is Paris."
+    assert body["usage"]["prompt_tokens"] == 42 and body["usage"]["generated_tokens"] == 7
+    assert body["messages"][-1] == {"role": "assistant", "content": "The capital of France is Paris."}
+    assert res.headers["x-request-id"]
+
+
+def test_chat_stream_matches_blocking(http: httpx.Client) -> None:
+    payload = {"messages": [{"role": "user", "content": "Name three colours."}], "temperature": 0, "max_tokens": 24}
+    blocking = http.post("/apps/chat/", json=payload).json()
+    streamed = http.post("/apps/chat/stream", json=payload).json()
+    assert streamed["reply"] == blocking["reply"] and streamed["pieces"] > 3
+
+
+def test_summarize(http: httpx.Client) -> None:
+    text = ("The Amazon rainforest covers much of the Amazon basin of South America. It is the largest "
+            "tropical rainforest in the world and is home to millions of species of insects, plants and birds.")
+    res = http.post("/apps/summarize/", json={"text": text, "sentences": 1})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert "rainforest" in body["summary"].lower() and body["input_tokens"] > 20 and not body["truncated"]
+
+
+def test_embed_search_ranks_the_matching_document_first(http: httpx.Client) -> None:
+    res = http.post("/apps/embed-search/", json={"query": "What is the capital city of France?"})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["dimensions"] == 576
+    assert "Paris" in body["results"][0]["document"]
+    scores = [r["score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_tokens_roundtrip_and_truncate(http: httpx.Client) -> None:
+    body = http.post("/apps/tokens/", content="Hello world").json()
+    assert body == {"count": 2, "tokens": [19556, 905], "pieces": ["Hello", " world"], "roundtrip": True}
+    cut = http.post("/apps/tokens/truncate?max=3", content="Hello wonderful world of frogs").json()
+    assert cut == {"text": "Hello wonderful world", "kept": 3, "total": 5}
+    assert error_of(http.post("/apps/tokens/truncate?max=x", content="a"))["type"] == "invalid_input"
+
+
+def test_unknown_app_route_and_method(http: httpx.Client) -> None:
+    res = http.get("/apps/nope/")
+    assert res.status_code == 404 and error_of(res)["type"] == "app_not_found"
+    res = http.get("/apps/chat/missing")
+    assert res.status_code == 404 and error_of(res)["type"] == "not_found"
+    res = http.get("/apps/summarize/")
+    assert res.status_code == 405 and error_of(res)["type"] == "method_not_allowed"
+    assert http.get("/apps/chat", follow_redirects=False).status_code == 308
+    assert error_of(http.get("/no/such/page"))["type"] == "not_found"
+
+
+def test_malformed_and_oversized_bodies(http: httpx.Client) -> None:
+    res = http.post("/apps/chat/", content=b"{not json", headers={"content-type": "application/json"})
+    assert res.status_code == 400 and error_of(res)["type"] == "invalid_json"
+    res = http.post("/apps/chat/", json={"messages": "hi"})
+    assert res.status_code == 400 and error_of(res)["type"] == "invalid_input"
+    res = http.post("/apps/chat/", json={"messages": [{"role": "wizard", "content": "hi"}]})
+    assert res.status_code == 400 and "role" in error_of(res)["message"]
+    res = http.post("/apps/tokens/", content=b"x" * (2 << 20))
+    assert res.status_code == 413 and error_of(res)["type"] == "body_too_large"
+
+
+def test_models_unknown_and_disallowed(http: httpx.Client) -> None:
+    body = http.get("/apps/misbehave/model?name=gpt-17").json()
+    assert body["error"] == "ModelNotSupported"
+    # A model the registry serves but the app may not use: invalid-input that says how to allow it.
+    body = http.get("/apps/misbehave/model?name=other").json()
+    assert body["error"] == "InvalidInput" and "allowed_models" in body["message"]
+    body = http.get("/apps/misbehave/model?name=smollm2").json()
+    assert "text" in body  # the default model is always allowed
+
+
+def test_invalid_params(http: httpx.Client) -> None:
+    for query, word in [("max_tokens=-1", "max_tokens"), ("max_tokens=0", "max_tokens"), ("temperature=3.5", "temperature"),
+                        ("top_p=0.0", "top_p"), ("top_k=-2", "top_k"), ("max_tokens=999999", "context")]:
+        body = http.get(f"/apps/misbehave/params?{query}").json()
+        assert body["error"] == "InvalidInput" and word in body["message"], (query, body)
+    res = http.get("/apps/misbehave/uncaught-llm-error")
+    assert res.status_code == 400 and error_of(res)["type"] == "invalid_input"
+
+
+def test_guest_failures_are_contained(http: httpx.Client) -> None:
+    cases = {
+        "/loop": (504, "guest_timeout"),
+        "/alloc": (500, "guest_out_of_memory"),
+        "/raise": (500, "guest_exception"),
+        "/trap": (500, "guest_trap"),
+        "/exit": (500, "guest_trap"),
+        "/bad-status": (500, "guest_trap"),
+    }
+    for path, (status, kind) in cases.items():
+        res = http.get(f"/apps/misbehave{path}")
+        assert res.status_code == status and error_of(res)["type"] == kind, (path, res.text)
+    assert "boom from the guest" in http.get("/apps/misbehave/raise").json()["error"]["message"]
+    assert "exited with status" in http.get("/apps/misbehave/exit").json()["error"]["message"]
+    assert http.get("/apps/misbehave/ok").text == "ok"
+    assert http.get("/healthz").json()["status"] == "ok"
+
+
+def test_stream_errors_and_cancel(http: httpx.Client) -> None:
+    body = http.get("/apps/misbehave/stream-error").json()
+    assert body["error"] == "InvalidInput" and "context" in body["message"]
+    body = http.get("/apps/misbehave/stream-early-stop").json()
+    assert len(body["pieces"]) == 2
+    # The cancelled generation freed the model: the next request is answered normally.
+    assert http.post("/apps/tokens/", content="frog").json()["count"] == 2
+
+
+def test_llm_wait_is_not_guest_cpu_time(http: httpx.Client) -> None:
+    # misbehave has a 0.5 s CPU budget; 100+ generated tokens take well over a second here.
+    res = http.get("/apps/misbehave/busy-llm")
+    assert res.status_code == 200, res.text
+    assert res.json()["tokens"] >= 100
+
+
+def test_guest_output_is_logged_with_app_and_request_id(http: httpx.Client, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="amphibia.guest"):
+        res = http.get("/apps/misbehave/print", headers={"x-request-id": "req-print-1"})
+    assert res.text == "printed"
+    assert any("app=misbehave request=req-print-1 stdout: hello from the guest's stdout" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_concurrent_apps_with_misbehaving_neighbours(http: httpx.Client, server: str) -> None:
+    """Good requests to several apps succeed while others loop, trap and run out of memory."""
+    calls = [
+        ("GET", "/apps/misbehave/loop", None, 504),
+        ("GET", "/apps/misbehave/trap", None, 500),
+        ("GET", "/apps/misbehave/alloc", None, 500),
+        ("POST", "/apps/tokens/", "Hello world", 200),
+        ("POST", "/apps/chat/", '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}', 200),
+        ("GET", "/apps/embed-search/?q=frogs", None, 200),
+        ("GET", "/apps/misbehave/ok", None, 200),
+        ("POST", "/apps/tokens/truncate?max=1", "Hello world", 200),
+    ]
+
+    def call(spec: tuple) -> int:
+        method, path, body, _ = spec
+        with httpx.Client(base_url=server, timeout=120) as c:
+            headers = {"content-type": "application/json"} if body and body.startswith("{") else {}
+            return c.request(method, path, content=body, headers=headers).status_code
+
+    with cf.ThreadPoolExecutor(len(calls)) as pool:
+        statuses = list(pool.map(call, calls))
+    assert statuses == [c[3] for c in calls]
