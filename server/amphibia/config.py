@@ -201,7 +201,8 @@ def _from_toml(path: Path) -> Config:
         table = dict(table)
         if "path" in table:
             table["path"] = (root / table["path"]).resolve()
-        models[name] = _take(ModelSpec, table, f"{path} [models.{name}]", name=name)
+        base = vars(models[name]) if name in models else {}  # [models.smollm2] tunes the built-in one
+        models[name] = _take(ModelSpec, {**base, **table}, f"{path} [models.{name}]", name=name)
 
     apps: dict[str, AppSpec] = {}
     for key, table in data.get("apps", {}).items():

@@ -29,6 +29,7 @@ from wasmtime.component import Component, Linker, Record
 from .config import AppSpec
 from .errors import AmphibiaError, Busy, GuestError, GuestOutOfMemory, GuestTimeout
 from .host import HostCapability
+from .host import wit_values
 from .host.context import RequestContext, current
 
 log = logging.getLogger("amphibia.runtime")
@@ -182,6 +183,7 @@ def _from_wit(res: Record) -> HttpResponse:
 class Runtime:
     def __init__(self, capabilities: Sequence[HostCapability], cache_dir: Path, guest_threads: int = 8,
                  queue_limit: int = 64) -> None:
+        wit_values.install()
         config = wasmtime.Config()
         config.epoch_interruption = True
         self.engine = wasmtime.Engine(config)

@@ -10,8 +10,6 @@ from typing import Any, Callable
 
 from wasmtime.component import LinkerInstance, Record, ResourceHost, ResourceType, Variant
 
-from . import wit_values
-
 from .. import errors
 from ..engine import Engine, GenerateRequest, SamplingParams, TokenStream
 from .context import RequestContext, current
@@ -20,7 +18,6 @@ INTERFACE = "amphibia:ai/llm@0.1.0"
 TOKEN_STREAM = 1  # our host-defined resource type id for `token-stream`
 MAX_EMBED_TEXTS = 256
 log = logging.getLogger("amphibia.llm")
-wit_values.fix_result_lowering()
 
 
 def _record(**fields: Any) -> Record:

@@ -1,0 +1,42 @@
+# Two commands for a fresh machine: `make up` (install, build the examples, serve them) and
+# `make test` (install with test tools, run the whole suite). Everything goes into .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+EXAMPLES := $(wildcard examples/*/app.py)
+
+.PHONY: up test install install-test build bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# llama-cpp-python compiles llama.cpp from source on first install (about 6 minutes on 2 cores; pip
+# caches the wheel). For NVIDIA GPUs: CMAKE_ARGS="-DGGML_CUDA=on" make install
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+build: install
+	@for app in $(dir $(EXAMPLES)); do $(BIN)/amphibia build $$app || exit 1; done
+
+up: build
+	$(BIN)/amphibia up examples --host $(HOST) --port $(PORT)
+
+test: install-test
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/amphibia bench cold-start
+
+clean:
+	rm -rf .amphibia examples/*/.amphibia tests/apps/*/.amphibia

@@ -1,0 +1,78 @@
+"""The `amphibia` command as a user runs it: new -> build -> up (a real server process) -> curl."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from conftest import free_port
+
+AMPHIBIA = [sys.executable, "-m", "amphibia.cli"]
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*AMPHIBIA, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_models_lists_the_embedded_default() -> None:
+    out = run("models", "--json")
+    assert out.returncode == 0, out.stderr
+    models = {m["name"]: m for m in json.loads(out.stdout)}
+    assert models["smollm2"]["available"] and models["smollm2"]["path"].endswith(".gguf")
+
+
+def test_new_build_up_and_call(tmp_path: Path) -> None:
+    out = run("new", "haiku", "--dir", str(tmp_path), "--description", "Haiku on demand")
+    assert out.returncode == 0, out.stderr
+    assert run("new", "haiku", "--dir", str(tmp_path)).returncode == 1  # refuses to overwrite
+    app_dir = tmp_path / "haiku"
+
+    out = run("build", str(app_dir))
+    assert out.returncode == 0 and "built" in out.stdout, out.stderr
+    out = run("build", str(app_dir))
+    assert "up to date" in out.stdout
+    assert json.loads((app_dir / ".amphibia" / "manifest.json").read_text())["name"] == "haiku"
+
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*AMPHIBIA, "up", str(app_dir), "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, "server did not come up"
+            time.sleep(0.3)
+        res = httpx.post(f"{base}/apps/haiku/", content="rain", timeout=120)
+        assert res.status_code == 200, res.text
+        body = res.json()
+        assert body["text"].strip() and 0 < body["tokens"] <= 48
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=30)[0]
+    assert "haiku" in output and proc.returncode == 0, output
+
+
+def test_build_error_is_reported_on_stderr(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text("from amphibia_guest import App\napp = App(\n")
+    out = run("build", str(tmp_path))
+    assert out.returncode == 1 and f"{tmp_path / 'app.py'}:2" in out.stderr and "SyntaxError" in out.stderr
+
+
+def test_bench_cold_start_prints_json_last(tmp_path: Path) -> None:
+    out = run("bench", "cold-start", "--json", "-n", "30")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("instantiate_p50_ms", "instantiate_p99_ms", "cached_load_ms", "compile_s", "baseline_p50_ms", "speedup"):
+        assert isinstance(result[key], (int, float)) and result[key] > 0, key
