@@ -130,6 +130,13 @@ def test_guest_failures_are_contained(http: httpx.Client) -> None:
     assert http.get("/healthz").json()["status"] == "ok"
 
 
+def test_sandbox_sees_only_granted_files_and_no_network(http: httpx.Client) -> None:
+    report = http.get("/apps/misbehave/files").json()
+    assert report["read"] == "hello from a granted folder"
+    assert report["write"].startswith("denied") and report["outside"].startswith("denied")
+    assert report["socket"].startswith("denied"), report
+
+
 def test_stream_errors_and_cancel(http: httpx.Client) -> None:
     body = http.get("/apps/misbehave/stream-error").json()
     assert body["error"] == "InvalidInput" and "context" in body["message"]

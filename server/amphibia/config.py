@@ -63,6 +63,9 @@ class AppSpec:
     # Like Spin's `ai_models`: the models this app may ask for. The default model is always allowed.
     allowed_models: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    # Folders of the app (relative to its folder) the guest may read, at the same path under "/".
+    # Nothing else of the host's file system is visible; sockets are always denied.
+    files: tuple[str, ...] = ()
 
     def allows(self, model: str) -> bool:
         return model == self.model or model in self.allowed_models
@@ -141,6 +144,11 @@ def load_app(path: Path, limits: Limits = Limits(), overrides: dict[str, Any] | 
         raise ConfigError(f"app name {name!r} must be lowercase letters, digits, '-' or '_'")
     app_limits = _limits(limits, table.pop("limits", None), f"app {name} [limits]")
     table["allowed_models"] = tuple(table.get("allowed_models", ()))
+    table["files"] = tuple(table.get("files", ()))
+    for folder in table["files"]:
+        target = (path / folder).resolve()
+        if not target.is_dir() or not target.is_relative_to(path):
+            raise ConfigError(f"app {name}: files entry {folder!r} must be a folder inside {path}")
     return _take(AppSpec, table, f"app {name}", name=name, path=path, limits=app_limits)
 
 

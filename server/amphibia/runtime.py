@@ -209,7 +209,9 @@ class Runtime:
         """Serve one request in a fresh instance. Blocking: call from a guest thread."""
         store = wasmtime.Store(self.engine)
         out, err = GuestOutput(app.name, request_id, "stdout"), GuestOutput(app.name, request_id, "stderr")
-        wasi = wasmtime.WasiConfig()  # no preopened dirs, no env, no args; sockets stay denied
+        wasi = wasmtime.WasiConfig()  # no env, no args; sockets stay denied (wasmtime-py has no grant)
+        for folder in app.files:  # read-only, and only what the app's manifest names
+            wasi.preopen_dir(str(app.path / folder), "/" + folder.strip("/"), fs_mutable=False)
         wasi.stdout_custom = out.write
         wasi.stderr_custom = err.write
         store.set_wasi(wasi)

@@ -103,3 +103,20 @@ def busy_llm(req: Request) -> Response:
     """Slow LLM work with a tiny CPU budget: waiting on the host must not count as guest CPU."""
     out = llm.chat([{"role": "user", "content": "Write a long story about a frog."}], max_tokens=160, temperature=0)
     return Response.json({"tokens": out.usage.generated_tokens})
+
+
+@app.get("/files")
+def files(req: Request) -> Response:
+    """Read the granted folder; try to write to it, to read outside it, and to open a socket."""
+    report = {"read": open("/data/hello.txt").read().strip()}
+    for name, attempt in [
+        ("write", lambda: open("/data/new.txt", "w").write("x")),
+        ("outside", lambda: open("/etc/passwd").read()),
+        ("socket", lambda: __import__("socket").create_connection(("127.0.0.1", 80), timeout=1)),
+    ]:
+        try:
+            attempt()
+            report[name] = "allowed"
+        except Exception as exc:
+            report[name] = f"denied: {type(exc).__name__}"
+    return Response.json(report)

@@ -1,0 +1,1 @@
+"""The shared inference pool: workers (continuous batching), the wire protocol, the fair broker."""

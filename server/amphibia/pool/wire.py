@@ -1,0 +1,191 @@
+"""The wire protocol between the gateway and the pool's workers: every message type, defined once.
+
+Messages are JSON text frames `{"type": ..., ...}`. `decode` refuses anything that is not exactly
+one of these (unknown type, missing or mistyped field, oversized frame) with `ProtocolError`, so a
+bad peer is told why and never reaches the broker's state.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 1 << 20
+# Close codes (4000-4999 are the application's own range)
+CLOSE_BAD_TOKEN = 4401
+CLOSE_PROTOCOL = 4400
+CLOSE_TOO_BIG = 1009
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+@dataclass
+class Message:
+    type: ClassVar[str]
+
+    def encode(self) -> str:
+        return json.dumps({"type": self.type, **asdict(self)})
+
+
+# --- worker -> gateway ------------------------------------------------------------------------
+@dataclass
+class Hello(Message):
+    type: ClassVar[str] = "hello"
+    worker_id: str
+    token: str
+    models: list[str]
+    slots: int
+    device: str = "cpu"
+    version: str = ""
+    protocol: int = PROTOCOL_VERSION
+
+
+@dataclass
+class Heartbeat(Message):
+    type: ClassVar[str] = "heartbeat"
+    running: int
+    free_slots: int
+
+
+@dataclass
+class Started(Message):
+    """A generation got its slot; `prompt_tokens` is what it costs to prefill."""
+
+    type: ClassVar[str] = "started"
+    id: str
+    prompt_tokens: int
+
+
+@dataclass
+class Token(Message):
+    type: ClassVar[str] = "token"
+    id: str
+    text: str
+    n: int = 1  # tokens this piece stands for
+
+
+@dataclass
+class Done(Message):
+    type: ClassVar[str] = "done"
+    id: str
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str
+
+
+@dataclass
+class Preempted(Message):
+    """The worker dropped a sequence the broker asked it to; the broker resumes it later."""
+
+    type: ClassVar[str] = "preempted"
+    id: str
+
+
+@dataclass
+class Result(Message):
+    """The answer to a `Call` (embeddings, tokenize, detokenize)."""
+
+    type: ClassVar[str] = "result"
+    id: str
+    value: Any
+
+
+@dataclass
+class Failed(Message):
+    type: ClassVar[str] = "failed"
+    id: str
+    error_type: str
+    message: str
+
+
+# --- gateway -> worker ------------------------------------------------------------------------
+@dataclass
+class Welcome(Message):
+    type: ClassVar[str] = "welcome"
+    worker_id: str
+    heartbeat_s: float = 2.0
+
+
+@dataclass
+class Assign(Message):
+    """Generate. `prompt` is final text, or None with `messages` for the worker to template.
+    `resume_text`: text already generated and delivered (after preemption or a failed worker);
+    the worker continues after it without sending it again."""
+
+    type: ClassVar[str] = "assign"
+    id: str
+    model: str
+    params: dict
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    resume_text: str = ""
+    resume_tokens: int = 0
+
+
+@dataclass
+class Call(Message):
+    type: ClassVar[str] = "call"
+    id: str
+    model: str
+    method: str  # "embed" | "tokenize" | "detokenize"
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
+class Cancel(Message):
+    type: ClassVar[str] = "cancel"
+    id: str
+
+
+@dataclass
+class Preempt(Message):
+    type: ClassVar[str] = "preempt"
+    id: str
+
+
+MESSAGES: dict[str, type[Message]] = {
+    cls.type: cls
+    for cls in (Hello, Heartbeat, Started, Token, Done, Preempted, Result, Failed, Welcome, Assign, Call, Cancel,
+                Preempt)
+}
+_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict, "list[str]": list,
+          "list[dict] | None": (list, type(None)), "str | None": (str, type(None)), "Any": object}
+
+
+def decode(frame: str | bytes, allowed: tuple[type[Message], ...] | None = None) -> Message:
+    if isinstance(frame, bytes):
+        raise ProtocolError("binary frames are not part of the protocol")
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(frame)} bytes is over the {MAX_FRAME_BYTES} limit")
+    try:
+        data = json.loads(frame)
+    except ValueError as exc:
+        raise ProtocolError(f"frame is not JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise ProtocolError("frame must be a JSON object with a string 'type'")
+    cls = MESSAGES.get(data.pop("type"))
+    if cls is None or (allowed is not None and cls not in allowed):
+        raise ProtocolError(f"unexpected message type {frame[:60]!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ProtocolError(f"{cls.type}: unknown field(s) {', '.join(sorted(unknown))}")
+    for name, f in known.items():
+        if name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ProtocolError(f"{cls.type}: missing field {name!r}")
+            continue
+        expected = _TYPES.get(str(f.type), object)
+        value = data[name]
+        if isinstance(value, bool) and expected in (int, (int, float)):
+            raise ProtocolError(f"{cls.type}.{name} must be {f.type}")
+        if not isinstance(value, expected):
+            raise ProtocolError(f"{cls.type}.{name} must be {f.type}")
+    return cls(**data)
+
+
+WORKER_TO_GATEWAY = (Hello, Heartbeat, Started, Token, Done, Preempted, Result, Failed)
+GATEWAY_TO_WORKER = (Welcome, Assign, Call, Cancel, Preempt)
