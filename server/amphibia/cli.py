@@ -48,7 +48,29 @@ def cmd_up(args: argparse.Namespace) -> int:
     port = args.port or config.server.port
     print(f"Amphibia: {len(config.apps)} app(s) on http://{host}:{port}/ ({', '.join(config.apps) or 'none'})",
           flush=True)
-    uvicorn.run(create_app(config), host=host, port=port, log_level=args.log_level, access_log=args.access_log)
+    app = create_app(config, local_worker_port=None if args.no_local_worker else port, config_target=args.target)
+    uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=args.access_log)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+    from dataclasses import replace
+
+    from .pool.worker import WorkerOptions, serve
+
+    config = load_config(args.config) if args.config else load_config(None)
+    if args.model not in config.models:
+        raise AmphibiaError(f"unknown model {args.model!r}; known: {', '.join(config.models)}")
+    spec = config.models[args.model]
+    if args.gpu_layers is not None:
+        spec = replace(spec, gpu_layers=args.gpu_layers)
+    token = args.token or os.environ.get("AMPHIBIA_POOL_TOKEN") or config.pool.token
+    if not token:
+        raise AmphibiaError("a pool token is needed: --token, AMPHIBIA_POOL_TOKEN or [pool] token in amphibia.toml")
+    opts = WorkerOptions(gateway=args.gateway, token=token, model=spec, slots=args.slots, worker_id=args.worker_id or "")
+    asyncio.run(serve(opts))
     return 0
 
 
@@ -102,7 +124,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument("--log-level", default="info")
     s.add_argument("--access-log", action="store_true")
+    s.add_argument("--no-local-worker", action="store_true", help="a pure gateway: only remote workers serve")
     s.set_defaults(fn=cmd_up)
+
+    s = sub.add_parser("worker", help="serve a model to a gateway's pool")
+    s.add_argument("--gateway", required=True, help="ws://HOST:PORT/pool")
+    s.add_argument("--model", default="smollm2")
+    s.add_argument("--slots", type=int, default=4, help="sequences batched together")
+    s.add_argument("--gpu-layers", type=int, default=None, help="layers to offload (needs a CUDA build)")
+    s.add_argument("--token", help="the pool token (default: $AMPHIBIA_POOL_TOKEN or [pool] token)")
+    s.add_argument("--worker-id")
+    s.add_argument("--config", help="amphibia.toml (for its model registry)")
+    s.set_defaults(fn=cmd_worker)
 
     s = sub.add_parser("models", help="list the model registry")
     s.add_argument("target", nargs="?")

@@ -24,6 +24,11 @@ class Limits:
     timeout_s: float = 30.0
     # Wall time of one `llm` call (queueing included).
     llm_timeout_s: float = 120.0
+    # Pool limits per app: requests queued or running at once, generated tokens per minute (0: no
+    # limit), and how long a request may wait for a slot before it is refused as overloaded.
+    max_concurrent: int = 32
+    tokens_per_minute: int = 0
+    max_queue_wait_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,8 @@ class AppSpec:
     # Folders of the app (relative to its folder) the guest may read, at the same path under "/".
     # Nothing else of the host's file system is visible; sockets are always denied.
     files: tuple[str, ...] = ()
+    # Share of the pool relative to other apps (fair queueing divides service by it).
+    weight: float = 1.0
 
     def allows(self, model: str) -> bool:
         return model == self.model or model in self.allowed_models
@@ -85,12 +92,37 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class PoolConfig:
+    # Workers authenticate with this; empty: a random one per gateway process, given to the local
+    # worker only (remote workers then cannot join). Also read from AMPHIBIA_POOL_TOKEN.
+    token: str = ""
+    local_worker: bool = True
+    local_slots: int = 4
+    # A sequence that has generated this many tokens since it got its slot, while an app with less
+    # service waits, is preempted and resumed later (its client only sees latency).
+    quantum_tokens: int = 32
+    max_queue: int = 256  # requests waiting in the whole pool; beyond it: overloaded at once
+    prompt_weight: float = 1.0  # fair-share cost of a prompt token ...
+    generated_weight: float = 2.0  # ... and of a generated one (VTC's weighted token counts)
+    heartbeat_s: float = 2.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     limits: Limits = field(default_factory=Limits)
     models: dict[str, ModelSpec] = field(default_factory=dict)
     apps: dict[str, AppSpec] = field(default_factory=dict)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    # Keys for the OpenAI- and Spin-compatible APIs: key -> the app whose limits, share and
+    # allowed models apply. With none configured, those APIs are open and account to app "api".
+    api_keys: dict[str, str] = field(default_factory=dict)
     root: Path = Path(".")
+
+    def api_app(self, name: str) -> AppSpec:
+        """The app an API client acts as (a virtual one if no such app is served)."""
+        return self.apps.get(name) or AppSpec(name=name, path=self.root, limits=self.limits,
+                                              allowed_models=tuple(self.models))
 
 
 def default_models() -> dict[str, ModelSpec]:
@@ -190,7 +222,7 @@ def load_config(target: str | Path | None = None) -> Config:
 def _from_toml(path: Path) -> Config:
     data = _read_toml(path)
     root = path.parent
-    unknown = set(data) - {"server", "limits", "models", "apps"}
+    unknown = set(data) - {"server", "limits", "models", "apps", "pool", "api_keys"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
 
@@ -227,4 +259,9 @@ def _from_toml(path: Path) -> Config:
         for model in (app.model, *app.allowed_models):
             if model not in models:
                 raise ConfigError(f"app {app.name!r} uses model {model!r}, which no [models.{model}] defines")
-    return Config(server=server, limits=limits, models=models, apps=apps, root=root)
+    pool = _take(PoolConfig, dict(data.get("pool", {})), f"{path} [pool]")
+    api_keys = dict(data.get("api_keys", {}))
+    for key, app_name in api_keys.items():
+        if not isinstance(app_name, str) or not APP_NAME.match(app_name):
+            raise ConfigError(f"{path} [api_keys]: the value for a key must be an app name, not {app_name!r}")
+    return Config(server=server, limits=limits, models=models, apps=apps, pool=pool, api_keys=api_keys, root=root)

@@ -11,7 +11,7 @@ import math
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 from .errors import AmphibiaError, InferenceTimeout, InvalidInput, LLMError
 
@@ -98,6 +98,8 @@ class TokenStream:
     def __init__(self, timeout_s: float = 120.0) -> None:
         self._queue: queue.Queue[str | _End | AmphibiaError] = queue.Queue()
         self._cancelled = threading.Event()
+        # Called once on cancel, from the consumer's thread: lets a remote engine free the slot.
+        self.on_cancel: Callable[[], None] | None = None
         self._timeout_s = timeout_s
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
@@ -119,7 +121,10 @@ class TokenStream:
 
     # consumer side
     def cancel(self) -> None:
-        self._cancelled.set()
+        if self.finish_reason is None and not self._cancelled.is_set():
+            self._cancelled.set()
+            if self.on_cancel is not None:
+                self.on_cancel()
 
     def next_piece(self) -> str | None:
         """The next piece, or None once generation has ended; raises the engine's error."""

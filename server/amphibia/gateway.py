@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -18,13 +20,19 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
+from . import api
 from .build import build
 from .config import AppSpec, Config
 from .engine import Engine
 from .errors import AmphibiaError, AppNotFound, BadRequest, Overloaded
 from .host.llm import LlmHost
+from .pool.broker import Broker
+from .pool.engine import PoolEngine
+from .pool.local import start_local_worker
+from .pool.local import stop as stop_worker
+from .pool.routes import metrics, pool_status, worker_socket
 from .runtime import HttpRequest, Runtime
 
 log = logging.getLogger("amphibia.gateway")
@@ -49,6 +57,8 @@ class Gateway:
     config: Config
     engine: Engine
     runtime: Runtime
+    broker: Broker | None = None
+    pool_token: str = ""
     apps: dict[str, LoadedApp] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # app name -> build error, shown on the index
 
@@ -144,6 +154,7 @@ async def healthz(request: Request) -> Response:
         "failed": sorted(gateway.failed),
         "models": sorted(gateway.config.models),
         "in_flight": gateway.runtime.in_flight,
+        "workers": len(gateway.broker.workers) if gateway.broker else None,
     })
 
 
@@ -168,24 +179,45 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": {"type": "internal_error", "message": str(exc)}}, 500)
 
 
-def create_app(config: Config, engine: Engine | None = None, warm_model: bool = True) -> Starlette:
-    """The ASGI app. `engine` defaults to in-process llama.cpp over the configured models."""
-    if engine is None:
-        from .local_engine import LocalEngine
+def create_app(config: Config, engine: Engine | None = None, warm_model: bool = True,
+               local_worker_port: int | None = None, config_target: str | None = None) -> Starlette:
+    """The ASGI app.
 
-        engine = LocalEngine(config.models)
+    With no `engine`, every LLM call goes through the pool's broker (apps, the open APIs and, later,
+    the browser bridge alike), and with `local_worker_port` a local worker process is started that
+    dials back to this gateway on that port. An `engine` (e.g. in-process llama.cpp) bypasses the pool.
+    """
+    broker = pool_engine = None
+    if engine is None:
+        broker = Broker(config.pool)
+        pool_engine = PoolEngine(broker, config.models, config.api_app("api"))
+        engine = pool_engine
     runtime = Runtime([LlmHost(engine)], config.server.cache_dir, config.server.guest_threads,
                       config.server.queue_limit)
-    gateway = Gateway(config, engine, runtime)
+    token = config.pool.token or os.environ.get("AMPHIBIA_POOL_TOKEN") or secrets.token_urlsafe(24)
+    gateway = Gateway(config, engine, runtime, broker, token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        background: list[asyncio.Task] = []
+        workers = []
+        if pool_engine is not None and broker is not None:
+            pool_engine.attach(asyncio.get_running_loop())
+            background.append(asyncio.create_task(broker.housekeeping()))
+            if local_worker_port and config.pool.local_worker:
+                for model in sorted({a.model for a in config.apps.values()} or set(list(config.models)[:1])):
+                    workers.append(start_local_worker(local_worker_port, model, config.pool.local_slots, token,
+                                                      config_target))
         await asyncio.to_thread(load_apps, gateway)
         if warm_model and hasattr(engine, "warm"):
             defaults = {a.spec.model for a in gateway.apps.values()} or set(list(config.models)[:1])
             for model in defaults:
                 await asyncio.to_thread(engine.warm, model)
         yield
+        for task in background:
+            task.cancel()
+        for proc in workers:
+            await asyncio.to_thread(stop_worker, proc)
         runtime.close()
         engine.close()
 
@@ -196,6 +228,10 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
             Route("/api/apps", list_apps),
             Route("/apps/{name}", app_root, methods=METHODS),
             Route("/apps/{name}/{path:path}", app_route, methods=METHODS),
+            WebSocketRoute("/pool", worker_socket),
+            Route("/pool", pool_status),
+            Route("/metrics", metrics),
+            *api.routes,
         ],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,

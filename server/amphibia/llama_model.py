@@ -45,7 +45,8 @@ class GenerationResult:
 
 
 class LlamaModel:
-    def __init__(self, path: Path, n_ctx: int = 2048, gpu_layers: int = 0, threads: int = 2) -> None:
+    def __init__(self, path: Path, n_ctx: int = 2048, gpu_layers: int = 0, threads: int = 2, slots: int = 1) -> None:
+        """`n_ctx` is per sequence; `slots` sequences share one context (the pool's batching)."""
         _init_backend()
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = gpu_layers
@@ -55,6 +56,7 @@ class LlamaModel:
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_ctx = n_ctx
         self.threads = threads
+        self.slots = slots
         self.ctx = self._context(embeddings=False)
         self.n_batch = L.llama_n_batch(self.ctx)
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
@@ -66,10 +68,14 @@ class LlamaModel:
 
     def _context(self, embeddings: bool) -> L.llama_context_p:
         cparams = L.llama_context_default_params()
-        cparams.n_ctx = self.n_ctx
+        seqs = 1 if embeddings else self.slots
+        cparams.n_ctx = self.n_ctx * seqs
         cparams.n_batch = min(512, self.n_ctx)
         cparams.n_ubatch = min(512, self.n_ctx)
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = seqs
+        # One KV stream per sequence: a sequence's numbers do not depend on its neighbours, so batched
+        # greedy output equals single-sequence output exactly (measured in the field notes).
+        cparams.kv_unified = False
         cparams.n_threads = self.threads
         cparams.n_threads_batch = self.threads
         if embeddings:
@@ -130,7 +136,7 @@ class LlamaModel:
             if rc != 0:
                 raise LLMError(f"llama_decode failed with code {rc}")
 
-    def _sampler(self, params: SamplingParams) -> L.llama_sampler_p:
+    def sampler(self, params: SamplingParams) -> L.llama_sampler_p:
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
             # First argument: older bindings declare an n_vocab parameter the C function no longer has;
@@ -161,7 +167,7 @@ class LlamaModel:
         """Run one generation to its end, calling `emit` with each safe-to-show piece of text."""
         tokens = self.prompt_tokens(prompt)
         L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
-        sampler = self._sampler(params)
+        sampler = self.sampler(params)
         text = TextAssembler(params.stop)
         generated, finish = 0, "length"
         try:

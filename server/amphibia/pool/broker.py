@@ -1,0 +1,340 @@
+"""The broker: every LLM request in the gateway, queued per app and placed on workers fairly.
+
+Fairness is the Virtual Token Counter ("Fairness in Serving LLMs", OSDI'24): each app's counter
+grows with the weighted tokens it is served (divided by its weight); when a slot frees, the
+waiting request of the app with the smallest counter goes next, and an app that returns from idle
+is lifted to the smallest counter among the busy ones so it cannot bank credit. Time slices: a
+sequence that has generated `quantum_tokens` since it got its slot, while a less-served app
+waits and no slot is free, is preempted; it is resumed later from its prompt plus the text it
+already delivered, so its client sees only latency. A worker that drops has its sequences resumed
+the same way elsewhere.
+
+All state lives on the gateway's event loop thread and is touched only there (no locks).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from ..config import AppSpec, PoolConfig
+from ..engine import Usage
+from ..errors import (AmphibiaError, InferenceTimeout, InvalidInput, LLMError, ModelNotSupported,
+                      Overloaded)
+from . import wire
+from .metrics import PoolMetrics
+
+log = logging.getLogger("amphibia.broker")
+_ids = itertools.count(1)
+
+ERRORS: dict[str, type[AmphibiaError]] = {
+    "invalid_input": InvalidInput, "model_not_supported": ModelNotSupported, "timeout": InferenceTimeout,
+    "overloaded": Overloaded,
+}
+
+
+def error_from_wire(error_type: str, message: str) -> AmphibiaError:
+    cls = ERRORS.get(error_type, LLMError)
+    return cls(message) if cls is not Overloaded else Overloaded(message, 1000)
+
+
+class Sink(Protocol):
+    """Where a job's results go: a guest thread's TokenStream or an HTTP response's queue."""
+
+    def token(self, text: str) -> None: ...
+    def done(self, usage: Usage, finish_reason: str) -> None: ...
+    def fail(self, error: AmphibiaError) -> None: ...
+    def result(self, value: Any) -> None: ...
+
+
+@dataclass(eq=False)
+class Job:
+    app: AppSpec
+    model: str
+    sink: Sink
+    assign: wire.Assign | None = None  # a generation ...
+    call: wire.Call | None = None  # ... or a call (embed, tokenize, detokenize)
+    id: str = field(default_factory=lambda: f"j{next(_ids)}")
+    text: str = ""  # delivered so far
+    generated: int = 0
+    prompt_tokens: int = 0
+    worker: "WorkerLink | None" = None
+    slice_start: int = 0
+    preempting: bool = False
+    started: bool = False
+    enqueued: float = field(default_factory=time.monotonic)
+    last_token: float = 0.0
+    preemptions: int = 0
+
+
+@dataclass(eq=False)
+class WorkerLink:
+    id: str
+    models: list[str]
+    slots: int
+    device: str
+    send: Callable[[wire.Message], None]
+    running: dict[str, Job] = field(default_factory=dict)
+    calls: dict[str, Job] = field(default_factory=dict)
+    joined: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.running)
+
+
+class Broker:
+    def __init__(self, config: PoolConfig, metrics: PoolMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or PoolMetrics()
+        self.queues: dict[str, deque[Job]] = defaultdict(deque)
+        self.service: dict[str, float] = defaultdict(float)
+        self.jobs: dict[str, Job] = {}
+        self.workers: dict[str, WorkerLink] = {}
+        self._tokens: dict[str, deque[tuple[float, int]]] = defaultdict(deque)  # per-app tokens/min window
+        self._pending_calls: deque[Job] = deque()
+        self.timeline: deque[dict] = deque(maxlen=2000)  # slot events, for pool views
+
+    # --- intake ---------------------------------------------------------------------------------
+    def queued(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def _active(self, app: str) -> int:
+        return sum(1 for j in self.jobs.values() if j.app.name == app and j.assign is not None)
+
+    def submit(self, job: Job) -> None:
+        """Queue `job` or refuse it at once (Overloaded) when a limit says so."""
+        app, limits = job.app.name, job.app.limits
+        if job.call is not None:
+            self.jobs[job.id] = job
+            self._place_call(job)
+            return
+        reason = None
+        if self.queued() >= self.config.max_queue:
+            reason, retry = f"the pool queue is full ({self.config.max_queue} waiting)", 1000
+        elif self._active(app) >= limits.max_concurrent:
+            reason, retry = f"app {app!r} already has {limits.max_concurrent} requests in the pool", 500
+        elif limits.tokens_per_minute and self._tokens_last_minute(app) >= limits.tokens_per_minute:
+            oldest = self._tokens[app][0][0]
+            reason, retry = (f"app {app!r} used its {limits.tokens_per_minute} tokens per minute",
+                             int(max(0.1, 60 - (time.monotonic() - oldest)) * 1000))
+        if reason:
+            self.metrics.rejections.labels(app, "overloaded").inc()
+            raise Overloaded(reason, retry)
+        if not self._backlogged(app):
+            busy = [self.service[a] for a in self._backlogged_apps()]
+            if busy:  # VTC lift: returning from idle does not bank credit
+                self.service[app] = max(self.service[app], min(busy))
+        self.jobs[job.id] = job
+        self.queues[app].append(job)
+        self.metrics.queue_depth.labels(app).set(len(self.queues[app]))
+        self._dispatch()
+
+    def cancel(self, job_id: str) -> None:
+        job = self.jobs.pop(job_id, None)
+        if job is None:
+            return
+        queue = self.queues.get(job.app.name)
+        if queue is not None and job in queue:
+            queue.remove(job)
+            self.metrics.queue_depth.labels(job.app.name).set(len(queue))
+        if job.worker is not None:
+            job.worker.running.pop(job.id, None)
+            job.worker.calls.pop(job.id, None)
+            job.worker.send(wire.Cancel(job.id))
+            self._event(job, "cancel")
+            self._dispatch()
+
+    def _backlogged(self, app: str) -> bool:
+        return bool(self.queues.get(app)) or any(j.app.name == app and j.worker for j in self.jobs.values())
+
+    def _backlogged_apps(self) -> set[str]:
+        return {j.app.name for j in self.jobs.values() if j.assign is not None}
+
+    def _tokens_last_minute(self, app: str) -> int:
+        window, now = self._tokens[app], time.monotonic()
+        while window and now - window[0][0] > 60:
+            window.popleft()
+        return sum(n for _, n in window)
+
+    # --- placement --------------------------------------------------------------------------------
+    def _worker_for(self, model: str, need_slot: bool) -> WorkerLink | None:
+        candidates = [w for w in self.workers.values() if model in w.models and (w.free > 0 or not need_slot)]
+        return max(candidates, key=lambda w: (w.free, -len(w.calls)), default=None)
+
+    def _dispatch(self) -> None:
+        while True:
+            for app in sorted((a for a, q in self.queues.items() if q), key=lambda a: self.service[a]):
+                job = self.queues[app][0]
+                worker = self._worker_for(job.model, need_slot=True)
+                if worker is not None:
+                    self.queues[app].popleft()
+                    self.metrics.queue_depth.labels(app).set(len(self.queues[app]))
+                    self._start(job, worker)
+                    break
+            else:
+                return
+
+    def _start(self, job: Job, worker: WorkerLink) -> None:
+        assert job.assign is not None
+        job.worker, job.slice_start, job.preempting = worker, job.generated, False
+        worker.running[job.id] = job
+        job.assign.resume_text, job.assign.resume_tokens = job.text, job.generated
+        if not job.started:
+            self.metrics.queue_wait.labels(job.app.name).observe(time.monotonic() - job.enqueued)
+        job.started = True
+        worker.send(job.assign)
+        self._event(job, "start")
+        self.metrics.running.labels(worker.id).set(len(worker.running))
+
+    def _place_call(self, job: Job) -> None:
+        worker = self._worker_for(job.model, need_slot=False)
+        if worker is None:
+            self._pending_calls.append(job)
+            return
+        job.worker = worker
+        worker.calls[job.id] = job
+        assert job.call is not None
+        worker.send(job.call)
+
+    def _maybe_preempt(self, model: str) -> None:
+        waiting = [a for a, q in self.queues.items() if q and q[0].model == model]
+        if not waiting or self._worker_for(model, need_slot=True) is not None:
+            return
+        neediest = min(self.service[a] for a in waiting)
+        victims = [j for w in self.workers.values() if model in w.models for j in w.running.values()
+                   if not j.preempting and j.generated - j.slice_start >= self.config.quantum_tokens
+                   and self.service[j.app.name] > neediest]
+        if not victims:
+            return
+        victim = max(victims, key=lambda j: (self.service[j.app.name], j.generated - j.slice_start))
+        victim.preempting = True
+        assert victim.worker is not None
+        victim.worker.send(wire.Preempt(victim.id))
+
+    # --- workers ------------------------------------------------------------------------------------
+    def add_worker(self, worker: WorkerLink) -> None:
+        old = self.workers.get(worker.id)
+        if old is not None:  # a restarted worker with the same id: the old link is dead
+            self.remove_worker(old)
+        self.workers[worker.id] = worker
+        self.metrics.workers.set(len(self.workers))
+        log.info("worker %s joined: %s, %d slots, %s", worker.id, ",".join(worker.models), worker.slots, worker.device)
+        while self._pending_calls:
+            self._place_call(self._pending_calls.popleft())
+        self._dispatch()
+
+    def remove_worker(self, worker: WorkerLink) -> None:
+        if self.workers.get(worker.id) is not worker:
+            return
+        del self.workers[worker.id]
+        self.metrics.workers.set(len(self.workers))
+        self.metrics.running.labels(worker.id).set(0)
+        lost = list(worker.running.values())
+        for job in reversed(lost):  # resume each from what it delivered, ahead of newer requests
+            job.worker = None
+            self.queues[job.app.name].appendleft(job)
+            self._event(job, "lost")
+        for job in worker.calls.values():
+            job.worker = None
+            self._place_call(job)
+        log.warning("worker %s left; %d running request(s) will resume elsewhere", worker.id, len(lost))
+        self._dispatch()
+
+    def on_message(self, worker: WorkerLink, msg: wire.Message) -> None:
+        worker.last_seen = time.monotonic()
+        job_id = getattr(msg, "id", None)
+        job = self.jobs.get(job_id) if job_id else None
+        if job is not None and job.worker is not worker:
+            return  # late news from a worker that no longer holds this job
+        if job is None:
+            return  # a heartbeat, or the last words about a cancelled job: nothing to do
+        app = job.app
+        if isinstance(msg, wire.Started):
+            job.prompt_tokens = msg.prompt_tokens
+            self._charge(app, self.config.prompt_weight * msg.prompt_tokens)
+        elif isinstance(msg, wire.Token):
+            now = time.monotonic()
+            if job.generated == 0 or not job.text:
+                self.metrics.ttft.labels(app.name).observe(now - job.enqueued)
+            elif job.last_token:
+                self.metrics.inter_token.labels(app.name).observe(now - job.last_token)
+            job.last_token = now
+            job.text += msg.text
+            job.generated += msg.n
+            self._charge(app, self.config.generated_weight * msg.n)
+            self._tokens[app.name].append((now, msg.n))
+            self.metrics.tokens.labels(app.name).inc(msg.n)
+            job.sink.token(msg.text)
+            self._maybe_preempt(job.model)
+        elif isinstance(msg, wire.Done):
+            # The worker counts from resume_tokens, so its count is the total.
+            job.generated = msg.generated_tokens
+            self._finish(job)
+            job.sink.done(Usage(job.prompt_tokens, job.generated), msg.finish_reason)
+        elif isinstance(msg, wire.Failed):
+            self._finish(job)
+            job.sink.fail(error_from_wire(msg.error_type, msg.message))
+        elif isinstance(msg, wire.Preempted):
+            worker.running.pop(job.id, None)
+            job.worker = None
+            job.preemptions += 1
+            self.metrics.preemptions.labels(app.name).inc()
+            self._event(job, "preempt")
+            self.queues[app.name].appendleft(job)
+            self._dispatch()
+        elif isinstance(msg, wire.Result):
+            self._finish(job)
+            job.sink.result(msg.value)
+
+    def _finish(self, job: Job) -> None:
+        self.jobs.pop(job.id, None)
+        if job.worker is not None:
+            job.worker.running.pop(job.id, None)
+            job.worker.calls.pop(job.id, None)
+            self.metrics.running.labels(job.worker.id).set(len(job.worker.running))
+            if job.assign is not None:
+                self._event(job, "end")
+        job.worker = None
+        self._dispatch()
+
+    def _charge(self, app: AppSpec, cost: float) -> None:
+        self.service[app.name] += cost / max(app.weight, 1e-6)
+
+    def _event(self, job: Job, kind: str) -> None:
+        self.timeline.append({"t": time.time(), "event": kind, "job": job.id, "app": job.app.name,
+                              "worker": job.worker.id if job.worker else None, "generated": job.generated})
+
+    # --- housekeeping -------------------------------------------------------------------------------
+    def expire(self) -> None:
+        """Refuse requests that waited longer than their app allows (run every fraction of a second)."""
+        now = time.monotonic()
+        for app, queue in self.queues.items():
+            for job in [j for j in queue if not j.started and now - j.enqueued > j.app.limits.max_queue_wait_s]:
+                queue.remove(job)
+                self.jobs.pop(job.id, None)
+                self.metrics.rejections.labels(app, "queue_wait").inc()
+                job.sink.fail(Overloaded(f"no slot for app {app!r} within {job.app.limits.max_queue_wait_s:g} s", 1000))
+            self.metrics.queue_depth.labels(app).set(len(queue))
+
+    async def housekeeping(self, period_s: float = 0.25) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            self.expire()
+
+    def snapshot(self) -> dict:
+        """The pool as JSON: workers and their slots, queues, per-app service."""
+        return {
+            "workers": [{
+                "id": w.id, "models": w.models, "slots": w.slots, "device": w.device, "free": w.free,
+                "running": [{"job": j.id, "app": j.app.name, "generated": j.generated} for j in w.running.values()],
+            } for w in self.workers.values()],
+            "queues": {a: len(q) for a, q in self.queues.items() if q},
+            "service": {a: round(s, 1) for a, s in self.service.items()},
+            "queued": self.queued(),
+        }

@@ -1,0 +1,24 @@
+"""Prometheus metrics of the pool, in a registry of their own (one per gateway)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+class PoolMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("amphibia_queue_depth", "Requests waiting for a slot", ["app"], registry=r)
+        self.running = Gauge("amphibia_running_sequences", "Sequences running on a worker", ["worker"], registry=r)
+        self.workers = Gauge("amphibia_workers", "Connected workers", registry=r)
+        self.ttft = Histogram("amphibia_time_to_first_token_seconds", "Queueing + prefill until the first token",
+                              ["app"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram("amphibia_inter_token_seconds", "Time between tokens of one request", ["app"],
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("amphibia_queue_wait_seconds", "Time from submit to first slot", ["app"],
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("amphibia_generated_tokens", "Generated tokens", ["app"], registry=r)
+        self.preemptions = Counter("amphibia_preemptions", "Sequences preempted by time slicing", ["app"], registry=r)
+        self.rejections = Counter("amphibia_rejections", "Requests refused", ["app", "reason"], registry=r)

@@ -1,0 +1,105 @@
+"""`amphibia worker`: one model, one batching context, dialling the gateway over WebSocket.
+
+Workers dial out, so they can sit on other machines or behind NAT. The batcher thread owns the
+model; this module only moves messages between it and the socket, and reconnects with backoff.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import random
+import uuid
+from dataclasses import dataclass
+
+import websockets
+
+from .. import __version__
+from ..config import ModelSpec
+from ..llama_model import LlamaModel
+from . import wire
+from .batcher import Batcher
+
+log = logging.getLogger("amphibia.worker")
+
+
+@dataclass
+class WorkerOptions:
+    gateway: str  # ws://host:port/pool
+    token: str
+    model: ModelSpec
+    slots: int = 4
+    worker_id: str = ""
+    max_backoff_s: float = 10.0
+
+
+def device_name(gpu_layers: int) -> str:
+    import llama_cpp
+
+    if gpu_layers and llama_cpp.llama_supports_gpu_offload():
+        return f"gpu ({gpu_layers} layers)"
+    return f"cpu ({platform.machine()})"
+
+
+async def serve(opts: WorkerOptions, stop: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set: connect, serve, and reconnect whenever the gateway goes away."""
+    stop = stop or asyncio.Event()
+    worker_id = opts.worker_id or f"w-{uuid.uuid4().hex[:8]}"
+    spec = opts.model
+    model = await asyncio.to_thread(LlamaModel, spec.gguf_path(), spec.n_ctx, spec.gpu_layers, spec.threads, opts.slots)
+    loop = asyncio.get_running_loop()
+    outbox: asyncio.Queue[wire.Message] = asyncio.Queue()
+    batcher = Batcher(model, lambda m: loop.call_soon_threadsafe(outbox.put_nowait, m)).start()
+    hello = wire.Hello(worker_id=worker_id, token=opts.token, models=[spec.name], slots=opts.slots,
+                       device=device_name(spec.gpu_layers), version=__version__)
+    backoff = 0.2
+    while not stop.is_set():
+        try:
+            async with websockets.connect(opts.gateway, max_size=wire.MAX_FRAME_BYTES, open_timeout=10) as ws:
+                await ws.send(hello.encode())
+                welcome = wire.decode(await asyncio.wait_for(ws.recv(), 10), (wire.Welcome,))
+                assert isinstance(welcome, wire.Welcome)
+                log.info("worker %s joined %s (%s, %d slots)", worker_id, opts.gateway, spec.name, opts.slots)
+                backoff = 0.2
+                await _session(ws, batcher, outbox, welcome.heartbeat_s, stop)
+        except (OSError, asyncio.TimeoutError, websockets.WebSocketException, wire.ProtocolError) as exc:
+            log.warning("worker %s: gateway %s unavailable (%s); retrying in %.1f s", worker_id, opts.gateway,
+                        exc, backoff)
+        batcher.drop_all()  # the gateway re-places whatever this worker had
+        while not outbox.empty():
+            outbox.get_nowait()
+        if stop.is_set():
+            break
+        try:
+            await asyncio.wait_for(stop.wait(), backoff * (1 + random.random() / 4))
+        except asyncio.TimeoutError:
+            pass
+        backoff = min(opts.max_backoff_s, backoff * 2)
+    batcher.submit(None)
+
+
+async def _session(ws: websockets.ClientConnection, batcher: Batcher, outbox: asyncio.Queue,
+                   heartbeat_s: float, stop: asyncio.Event) -> None:
+    async def send() -> None:
+        while True:
+            await ws.send((await outbox.get()).encode())
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(heartbeat_s)
+            running, free = batcher.load()
+            await outbox.put(wire.Heartbeat(running=running, free_slots=free))
+
+    async def receive() -> None:
+        async for frame in ws:
+            batcher.submit(wire.decode(frame, wire.GATEWAY_TO_WORKER))
+
+    tasks = [asyncio.create_task(c) for c in (send(), beat(), receive(), stop.wait())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task.exception() and not isinstance(task.exception(), websockets.ConnectionClosed):
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
