@@ -1,0 +1,170 @@
+"""The broker's scheduling decisions, driven at the protocol level: a worker here is the list of
+messages the broker sends it, and the test answers as a worker would."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from amphibia.config import AppSpec, Limits, PoolConfig
+from amphibia.engine import Usage
+from amphibia.errors import AmphibiaError, Overloaded
+from amphibia.pool import wire
+from amphibia.pool.broker import Broker, Job, WorkerLink
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.text, self.usage, self.error = "", None, None
+
+    def token(self, text: str) -> None:
+        self.text += text
+
+    def done(self, usage: Usage, reason: str) -> None:
+        self.usage = usage
+
+    def fail(self, error: AmphibiaError) -> None:
+        self.error = error
+
+    def result(self, value) -> None:
+        pass
+
+
+def app(name: str, **limits) -> AppSpec:
+    return AppSpec(name=name, path=Path("."), limits=Limits(**limits))
+
+
+def job(a: AppSpec) -> Job:
+    j = Job(app=a, model="m", sink=Collect(), assign=wire.Assign(id="", model="m", params={}, prompt="p"))
+    j.assign.id = j.id
+    return j
+
+
+def worker(broker: Broker, slots: int = 1) -> tuple[WorkerLink, list]:
+    sent: list = []
+    link = WorkerLink(id=f"w{len(broker.workers)}", models=["m"], slots=slots, device="cpu", send=sent.append)
+    broker.add_worker(link)
+    return link, sent
+
+
+def generate(broker: Broker, link: WorkerLink, j: Job, tokens: int) -> None:
+    broker.on_message(link, wire.Started(j.id, 10))
+    for _ in range(tokens):
+        broker.on_message(link, wire.Token(j.id, "x"))
+
+
+def test_least_served_app_goes_next_not_fcfs() -> None:
+    broker = Broker(PoolConfig(quantum_tokens=1000))
+    link, sent = worker(broker)
+    heavy, light = app("heavy"), app("light")
+    first = job(heavy)
+    broker.submit(first)
+    queued = [job(heavy), job(heavy), job(light)]
+    for j in queued:
+        broker.submit(j)
+    generate(broker, link, first, 50)  # heavy is served while light waits
+    broker.on_message(link, wire.Done(first.id, 10, 50, "length"))
+    # The slot went to `light` although two `heavy` requests were queued before it.
+    assert sent[-1].id == queued[2].id
+
+
+def test_returning_app_is_lifted_and_cannot_bank_credit() -> None:
+    broker = Broker(PoolConfig())
+    link, _ = worker(broker)
+    busy = job(app("busy"))
+    broker.submit(busy)
+    generate(broker, link, busy, 100)
+    broker.submit(job(app("late")))
+    assert broker.service["late"] == broker.service["busy"] > 0
+
+
+def test_long_generation_is_preempted_and_resumed_with_its_text() -> None:
+    broker = Broker(PoolConfig(quantum_tokens=8))
+    link, sent = worker(broker)
+    long = job(app("a"))
+    broker.submit(long)
+    generate(broker, link, long, 4)
+    short = job(app("b"))
+    broker.submit(short)
+    generate(broker, link, long, 4)  # reaches its quantum while b waits
+    assert isinstance(sent[-1], wire.Preempt) and sent[-1].id == long.id
+    broker.on_message(link, wire.Preempted(long.id))
+    assert sent[-1].id == short.id  # b got the slot
+    broker.on_message(link, wire.Done(short.id, 10, 0, "stop"))
+    resumed = sent[-1]
+    assert isinstance(resumed, wire.Assign) and resumed.id == long.id
+    assert resumed.resume_text == "x" * 8 and resumed.resume_tokens == 8
+    broker.on_message(link, wire.Token(long.id, "y"))
+    broker.on_message(link, wire.Done(long.id, 10, 9, "stop"))
+    assert long.sink.text == "x" * 8 + "y" and long.sink.usage.generated_tokens == 9
+
+
+def test_no_preemption_of_an_app_below_its_share() -> None:
+    broker = Broker(PoolConfig(quantum_tokens=4))
+    link, sent = worker(broker)
+    a = job(app("a"))
+    broker.submit(a)
+    broker.service["b"] = 10_000  # b has had far more than a
+    broker.submit(job(app("b")))
+    generate(broker, link, a, 20)
+    assert not any(isinstance(m, wire.Preempt) for m in sent)
+
+
+def test_lost_worker_resumes_its_jobs_on_another() -> None:
+    broker = Broker(PoolConfig())
+    first, _ = worker(broker)
+    j = job(app("a"))
+    broker.submit(j)
+    generate(broker, first, j, 3)
+    second, sent = worker(broker)
+    broker.remove_worker(first)
+    assert isinstance(sent[-1], wire.Assign) and sent[-1].resume_text == "xxx"
+    broker.on_message(first, wire.Token(j.id, "late"))  # ignored: first no longer holds it
+    broker.on_message(second, wire.Done(j.id, 10, 3, "stop"))
+    assert j.sink.text == "xxx" and j.sink.usage.generated_tokens == 3
+
+
+def test_limits_refuse_at_once() -> None:
+    broker = Broker(PoolConfig(max_queue=2))
+    limited = app("l", max_concurrent=1)
+    broker.submit(job(limited))
+    with pytest.raises(Overloaded, match="already has 1"):
+        broker.submit(job(limited))
+    broker.submit(job(app("x")))
+    with pytest.raises(Overloaded, match="queue is full"):
+        broker.submit(job(app("y")))
+
+
+def test_queue_wait_limit_expires_requests() -> None:
+    broker = Broker(PoolConfig())
+    j = job(app("slow", max_queue_wait_s=0.0))
+    broker.submit(j)  # no worker: it waits
+    broker.expire()
+    assert isinstance(j.sink.error, Overloaded) and not broker.jobs
+
+
+def test_fair_shares_under_contention() -> None:
+    """Four backlogged apps whose requests differ 8x in length get equal service (Jain's index ~1)."""
+    broker = Broker(PoolConfig(quantum_tokens=16, max_queue=1000))
+    link, _ = worker(broker, slots=2)
+    apps = [app(n, max_concurrent=1000) for n in "abcd"]
+    length = {"a": 8, "b": 16, "c": 32, "d": 64}
+    for a in apps:
+        for _ in range(200):
+            broker.submit(job(a))
+    for _ in range(150):  # each round, every running sequence generates 4 tokens
+        for j in list(link.running.values()):
+            if j.preempting:
+                broker.on_message(link, wire.Preempted(j.id))
+                continue
+            if not j.prompt_tokens:
+                broker.on_message(link, wire.Started(j.id, 10))
+            for _ in range(4):
+                if j.id in link.running:
+                    broker.on_message(link, wire.Token(j.id, "x"))
+            if j.id in link.running and j.generated >= length[j.app.name]:
+                broker.on_message(link, wire.Done(j.id, 10, j.generated, "length"))
+        assert all(broker.queues[a.name] for a in apps)  # everyone stays backlogged
+    values = [broker.service[a.name] for a in apps]
+    jain = sum(values) ** 2 / (len(values) * sum(v * v for v in values))
+    assert jain > 0.95, values

@@ -1,0 +1,250 @@
+"""The pool for real: worker processes over real WebSockets on loopback, the real model, real clients."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from typing import Iterator
+
+import httpx
+import openai
+import pytest
+import uvicorn
+import websockets
+
+from amphibia.config import AppSpec, Config, Limits, PoolConfig, ServerConfig, default_models, discover_apps
+from amphibia.pool import wire
+
+from conftest import CACHE, EXAMPLES, ROOT, TEST_APPS, free_port
+
+TOKEN = "test-pool-token"
+KEYS = {"key-chat": "chat", "key-tokens": "tokens", "key-misbehave": "misbehave", "key-limited": "limited"}
+FRANCE = [{"role": "system", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"},
+          {"role": "user", "content": "What is the capital of France? Answer in two sentences."}]
+
+
+class Pool:
+    def __init__(self, url: str, port: int) -> None:
+        self.url, self.port = url, port
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    def start_worker(self, worker_id: str, slots: int = 2) -> None:
+        cmd = [sys.executable, "-m", "amphibia.cli", "worker", "--gateway", f"ws://127.0.0.1:{self.port}/pool",
+               "--slots", str(slots), "--worker-id", worker_id]
+        self.workers[worker_id] = subprocess.Popen(cmd, env={**os.environ, "AMPHIBIA_POOL_TOKEN": TOKEN})
+
+    def status(self) -> dict:
+        return httpx.get(f"{self.url}/pool", timeout=10).json()
+
+    def wait_for(self, condition, what: str, timeout: float = 120) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = self.status()
+            if condition(status):
+                return status
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}: {self.status()}")
+
+    def worker_ids(self) -> set[str]:
+        return {w["id"] for w in self.status()["workers"]}
+
+
+@pytest.fixture(scope="session")
+def pool() -> Iterator[Pool]:
+    from amphibia.gateway import create_app
+
+    apps = {**discover_apps(EXAMPLES), **discover_apps(TEST_APPS)}
+    apps["limited"] = replace(apps["misbehave"], name="limited", limits=Limits(max_concurrent=2, timeout_s=5))
+    config = Config(server=replace(ServerConfig(), cache_dir=CACHE), models=default_models(), apps=apps,
+                    pool=PoolConfig(token=TOKEN, quantum_tokens=16), api_keys=KEYS, root=ROOT)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        assert thread.is_alive()
+        time.sleep(0.1)
+    p = Pool(f"http://127.0.0.1:{port}", port)
+    p.start_worker("wA")
+    p.start_worker("wB")
+    p.wait_for(lambda s: len(s["workers"]) == 2, "two workers")
+    yield p
+    for proc in p.workers.values():
+        proc.terminate()
+    for proc in p.workers.values():
+        proc.wait(10)
+    srv.should_exit = True
+    thread.join(10)
+
+
+def client(pool: Pool, key: str = "key-chat") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{pool.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_openai_client_chat_stream_embeddings_models(pool: Pool, engine) -> None:
+    c = client(pool)
+    out = c.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=32)
+    assert out.choices[0].message.content == "The capital of France is Paris."
+    assert out.usage.prompt_tokens == 42 and out.usage.completion_tokens == 7
+    # Greedy through the pool equals the in-process engine's text.
+    from amphibia.engine import GenerateRequest, SamplingParams
+
+    local = engine.generate(GenerateRequest(model="smollm2", messages=tuple(FRANCE[1:]),
+                                            params=SamplingParams(temperature=0, max_tokens=40))).collect()
+    pooled = c.chat.completions.create(model="smollm2", messages=FRANCE[1:], temperature=0, max_tokens=40)
+    assert pooled.choices[0].message.content == local.text
+
+    pieces = [ch.choices[0].delta.content or "" for ch in
+              c.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=32, stream=True)
+              if ch.choices]
+    assert "".join(pieces) == "The capital of France is Paris." and len(pieces) > 3
+
+    text = c.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert text.choices[0].text.strip() and text.usage.completion_tokens <= 4
+
+    emb = c.embeddings.create(model="smollm2", input=["frogs", "toads"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 576
+    assert [m.id for m in c.models.list().data] == ["smollm2"]
+
+
+def test_spin_protocol(pool: Pool) -> None:
+    headers = {"authorization": "Bearer key-chat"}
+    res = httpx.post(f"{pool.url}/infer", headers=headers, timeout=60, json={
+        "model": "smollm2", "prompt": "The capital of France is",
+        "options": {"maxTokens": 6, "temperature": 0.0, "topK": 40, "topP": 0.9, "repeatPenalty": 1.1,
+                    "repeatPenaltyLastNTokenCount": 64}})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["text"] and body["usage"]["generatedTokenCount"] <= 6 and body["usage"]["promptTokenCount"] == 5
+    res = httpx.post(f"{pool.url}/embed", headers=headers, json={"model": "smollm2", "input": ["a", "b", "c"]}, timeout=60)
+    assert len(res.json()["embeddings"]) == 3 and res.json()["usage"]["promptTokenCount"] >= 3
+
+
+def test_api_keys_and_models(pool: Pool) -> None:
+    url = f"{pool.url}/v1/chat/completions"
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert httpx.post(url, json=body).status_code == 401
+    assert httpx.post(url, json=body, headers={"authorization": "Bearer nope"}).status_code == 401
+    res = httpx.post(url, json={**body, "model": "gpt-9"}, headers={"authorization": "Bearer key-chat"})
+    assert res.status_code == 404 and res.json()["error"]["type"] == "model_not_supported"
+    res = httpx.post(url, json={**body, "max_tokens": -3}, headers={"authorization": "Bearer key-chat"})
+    assert res.status_code == 400 and "max_tokens" in res.json()["error"]["message"]
+    res = httpx.post(url, content=b"{", headers={"authorization": "Bearer key-chat"})
+    assert res.status_code == 400
+
+
+def test_concurrent_apps_all_complete_with_correct_text(pool: Pool) -> None:
+    def ask(key: str) -> str:
+        out = client(pool, key).chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=32)
+        return out.choices[0].message.content
+
+    keys = ["key-chat", "key-tokens", "key-misbehave"] * 3
+    with cf.ThreadPoolExecutor(len(keys)) as ex:
+        answers = list(ex.map(ask, keys))
+    assert answers == ["The capital of France is Paris."] * len(keys)
+    # Apps served through the pool as well, alongside the API clients.
+    res = httpx.post(f"{pool.url}/apps/chat/", json={"messages": FRANCE, "temperature": 0, "max_tokens": 32}, timeout=60)
+    assert res.json()["reply"] == "The capital of France is Paris."
+    service = pool.status()["service"]
+    assert {"chat", "tokens", "misbehave"} <= set(service)
+
+
+def test_cancel_frees_the_slot(pool: Pool) -> None:
+    headers = {"authorization": "Bearer key-chat"}
+    body = {"model": "smollm2", "prompt": "Count from one to one thousand:", "max_tokens": 400, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{pool.url}/v1/completions", json=body, headers=headers, timeout=60) as res:
+        lines = res.iter_lines()
+        for line in lines:
+            if line.startswith("data:") and '"text"' in line:
+                break
+        assert pool.status()["workers"] and any(w["running"] for w in pool.status()["workers"])
+    # The client hung up: its sequence is cancelled long before 400 tokens.
+    pool.wait_for(lambda s: all(not w["running"] for w in s["workers"]), "the slot to be freed", timeout=10)
+
+
+def test_queue_limits_answer_429_fast(pool: Pool) -> None:
+    headers = {"authorization": "Bearer key-limited"}
+    body = {"model": "smollm2", "prompt": "Tell me a very long story.", "max_tokens": 120, "temperature": 0}
+
+    def post() -> httpx.Response:
+        return httpx.post(f"{pool.url}/v1/completions", json=body, headers=headers, timeout=120)
+
+    with cf.ThreadPoolExecutor(2) as ex:
+        running = [ex.submit(post) for _ in range(2)]
+        pool.wait_for(lambda s: sum(1 for w in s["workers"] for j in w["running"] if j["app"] == "limited") == 2,
+                      "two running requests", timeout=30)
+        started = time.perf_counter()
+        res = post()
+        elapsed = time.perf_counter() - started
+        assert res.status_code == 429 and res.json()["error"]["type"] == "overloaded"
+        assert int(res.headers["retry-after"]) >= 1 and elapsed < 2
+        assert all(f.result().status_code == 200 for f in running)
+
+
+def test_bad_workers_are_rejected_and_logged(pool: Pool) -> None:
+    ws_url = f"ws://127.0.0.1:{pool.port}/pool"
+
+    async def session(frames: list[str]) -> int | None:
+        async with websockets.connect(ws_url, max_size=None) as ws:
+            for frame in frames:
+                await ws.send(frame)
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            except websockets.ConnectionClosed as closed:
+                return closed.rcvd.code if closed.rcvd else None
+
+    hello = lambda token: wire.Hello(worker_id="intruder", token=token, models=["smollm2"], slots=2).encode()  # noqa: E731
+    assert asyncio.run(session([hello("wrong")])) == wire.CLOSE_BAD_TOKEN
+    assert asyncio.run(session(['{"type": "assign"}'])) == wire.CLOSE_PROTOCOL
+    assert asyncio.run(session([hello(TOKEN), "not json"])) == wire.CLOSE_PROTOCOL
+    assert asyncio.run(session([hello(TOKEN), json.dumps({"type": "token", "id": "j1", "text": 5})])) == wire.CLOSE_PROTOCOL
+    assert asyncio.run(session([hello(TOKEN), '{"type": "token", "id": "x", "text": "' + "a" * (2 << 20) + '"}'])) \
+        == wire.CLOSE_TOO_BIG
+    # Nobody else noticed.
+    assert pool.worker_ids() == {"wA", "wB"}
+    out = client(pool).chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=32)
+    assert out.choices[0].message.content == "The capital of France is Paris."
+
+
+def test_killed_worker_loses_no_request_and_a_restarted_one_rejoins(pool: Pool) -> None:
+    prompts = [f"Write a long story about a frog named {name}." for name in ("Ann", "Bob", "Cid", "Dee")]
+
+    def ask(prompt: str) -> tuple[str, int]:
+        out = client(pool).chat.completions.create(model="smollm2", messages=[{"role": "user", "content": prompt}],
+                                                   temperature=0, max_tokens=60)
+        return out.choices[0].message.content, out.usage.completion_tokens
+
+    with cf.ThreadPoolExecutor(len(prompts)) as ex:
+        futures = [ex.submit(ask, p) for p in prompts]
+        status = pool.wait_for(lambda s: any(j["generated"] >= 5 for w in s["workers"] if w["id"] == "wA"
+                                             for j in w["running"]), "tokens flowing on wA", timeout=60)
+        pool.workers["wA"].send_signal(signal.SIGKILL)
+        pool.workers["wA"].wait(10)
+        results = [f.result(timeout=120) for f in futures]
+    for text, generated in results:
+        assert len(text) > 40 and 0 < generated <= 60
+    assert "wA" not in pool.worker_ids()
+    assert any(e["event"] == "lost" for e in pool.status()["timeline"])
+
+    pool.start_worker("wA")
+    pool.wait_for(lambda s: {"wA", "wB"} <= {w["id"] for w in s["workers"]}, "wA to rejoin")
+
+
+def test_pool_status_and_metrics(pool: Pool) -> None:
+    status = pool.status()
+    assert {w["id"] for w in status["workers"]} >= {"wB"}
+    assert all(w["slots"] == 2 and w["device"].startswith("cpu") for w in status["workers"])
+    metrics = httpx.get(f"{pool.url}/metrics").text
+    for name in ("amphibia_queue_depth", "amphibia_running_sequences", "amphibia_time_to_first_token_seconds",
+                 "amphibia_inter_token_seconds", "amphibia_generated_tokens_total", "amphibia_rejections_total"):
+        assert name in metrics, name
+    assert 'amphibia_rejections_total{app="limited",reason="overloaded"}' in metrics
