@@ -98,6 +98,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.cold_start import main as bench_main
 
         return bench_main(args)
+    if args.which == "pool":
+        from .bench.pool import main as pool_main
+
+        return pool_main(args)
     raise AmphibiaError(f"unknown benchmark {args.which!r}")
 
 
@@ -143,7 +147,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_models)
 
     s = sub.add_parser("bench", help="run a benchmark; the last line printed is JSON")
-    s.add_argument("which", choices=["cold-start"])
+    s.add_argument("which", choices=["cold-start", "pool"])
+    s.add_argument("--quick", action="store_true", help="pool: a reduced run (under a minute or so)")
     s.add_argument("--json", action="store_true", help="print only the JSON result line")
     s.add_argument("--app", default=None, help="app folder (default: examples/chat)")
     s.add_argument("-n", "--requests", type=int, default=300)
@@ -155,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.fn(args)
     except AmphibiaError as exc:

@@ -100,7 +100,7 @@ class PoolConfig:
     local_slots: int = 4
     # A sequence that has generated this many tokens since it got its slot, while an app with less
     # service waits, is preempted and resumed later (its client only sees latency).
-    quantum_tokens: int = 32
+    quantum_tokens: int = 16
     max_queue: int = 256  # requests waiting in the whole pool; beyond it: overloaded at once
     prompt_weight: float = 1.0  # fair-share cost of a prompt token ...
     generated_weight: float = 2.0  # ... and of a generated one (VTC's weighted token counts)
