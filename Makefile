@@ -35,8 +35,9 @@ up: build
 test: install-test
 	$(BIN)/python -m pytest
 
-bench: install
+bench: install-test
 	$(BIN)/amphibia bench cold-start
+	$(BIN)/amphibia bench pool
 
 clean:
 	rm -rf .amphibia examples/*/.amphibia tests/apps/*/.amphibia

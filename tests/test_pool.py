@@ -168,14 +168,23 @@ def test_cancel_frees_the_slot(pool: Pool) -> None:
         assert pool.status()["workers"] and any(w["running"] for w in pool.status()["workers"])
     # The client hung up: its sequence is cancelled long before 400 tokens.
     pool.wait_for(lambda s: all(not w["running"] for w in s["workers"]), "the slot to be freed", timeout=10)
+    assert pool.status()["timeline"][-1]["event"] == "cancel"
+    # The same for a client that gives up on a non-streaming request.
+    story = {"model": "smollm2", "max_tokens": 400, "temperature": 0,
+             "messages": [{"role": "user", "content": "Write a very long story about a frog."}]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{pool.url}/v1/chat/completions", json=story, headers=headers, timeout=1.0)
+    pool.wait_for(lambda s: all(not w["running"] for w in s["workers"]), "the slot to be freed", timeout=10)
+    assert pool.status()["timeline"][-1]["event"] == "cancel"
 
 
 def test_queue_limits_answer_429_fast(pool: Pool) -> None:
     headers = {"authorization": "Bearer key-limited"}
-    body = {"model": "smollm2", "prompt": "Tell me a very long story.", "max_tokens": 120, "temperature": 0}
+    body = {"model": "smollm2", "max_tokens": 120, "temperature": 0,
+            "messages": [{"role": "user", "content": "Write a very long story about a frog."}]}
 
     def post() -> httpx.Response:
-        return httpx.post(f"{pool.url}/v1/completions", json=body, headers=headers, timeout=120)
+        return httpx.post(f"{pool.url}/v1/chat/completions", json=body, headers=headers, timeout=120)
 
     with cf.ThreadPoolExecutor(2) as ex:
         running = [ex.submit(post) for _ in range(2)]

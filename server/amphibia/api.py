@@ -69,6 +69,14 @@ def authenticate(request: Request, config: Config) -> AppSpec:
     raise Unauthorized("missing or unknown API key (send Authorization: Bearer KEY)")
 
 
+async def _begin(request: Request) -> tuple[Config, Broker, AppSpec, dict, str]:
+    """What every model endpoint starts with: who is asking, the JSON body, and a model they may use."""
+    config, broker = _state(request)
+    app = authenticate(request, config)
+    data = await _json(request)
+    return config, broker, app, data, _check_model(config, app, data.get("model"))
+
+
 def _check_model(config: Config, app: AppSpec, model: Any) -> str:
     if not isinstance(model, str) or not model:
         raise InvalidInput("'model' must be a model name")
@@ -131,10 +139,20 @@ async def _generate(broker: Broker, app: AppSpec, model: str, params: SamplingPa
 
 
 async def _collect(broker: Broker, job: Job, sink: QueueSink, request: Request) -> tuple[str, Usage, str]:
+    """Wait for the whole answer; if the client hangs up meanwhile, cancel the job and free its slot."""
     parts: list[str] = []
+    checked = time.monotonic()
     try:
         while True:
-            kind, value = await sink.queue.get()
+            try:
+                kind, value = await asyncio.wait_for(sink.queue.get(), 0.5)
+            except asyncio.TimeoutError:
+                kind, value = "", None
+            if time.monotonic() - checked > 0.5:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    broker.cancel(job.id)
+                    raise BadRequest("client disconnected") from None
             if kind == "token":
                 parts.append(value)
             elif kind == "done":
@@ -215,10 +233,7 @@ async def _stream_events(broker: Broker, job: Job, sink: QueueSink) -> AsyncIter
 
 @handles_errors
 async def chat_completions(request: Request) -> Response:
-    config, broker = _state(request)
-    app = authenticate(request, config)
-    data = await _json(request)
-    model = _check_model(config, app, data.get("model"))
+    config, broker, app, data, model = await _begin(request)
     messages = data.get("messages")
     if not isinstance(messages, list):
         raise InvalidInput("'messages' must be a list")
@@ -269,10 +284,7 @@ def _usage(usage: Usage) -> dict:
 
 @handles_errors
 async def completions(request: Request) -> Response:
-    config, broker = _state(request)
-    app = authenticate(request, config)
-    data = await _json(request)
-    model = _check_model(config, app, data.get("model"))
+    config, broker, app, data, model = await _begin(request)
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
@@ -308,10 +320,7 @@ def _texts(value: Any, name: str) -> list[str]:
 
 @handles_errors
 async def embeddings(request: Request) -> Response:
-    config, broker = _state(request)
-    app = authenticate(request, config)
-    data = await _json(request)
-    model = _check_model(config, app, data.get("model"))
+    config, broker, app, data, model = await _begin(request)
     texts = _texts(data.get("input"), "input")
     value = await _call(broker, app, model, "embed", {"texts": texts})
     return JSONResponse({
@@ -339,10 +348,7 @@ SPIN_PARAMS = {"max_tokens": "maxTokens", "repeat_penalty": "repeatPenalty",
 
 @handles_errors
 async def spin_infer(request: Request) -> Response:
-    config, broker = _state(request)
-    app = authenticate(request, config)
-    data = await _json(request)
-    model = _check_model(config, app, data.get("model"))
+    config, broker, app, data, model = await _begin(request)
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise InvalidInput("'prompt' must be a non-empty string")
@@ -358,10 +364,7 @@ async def spin_infer(request: Request) -> Response:
 
 @handles_errors
 async def spin_embed(request: Request) -> Response:
-    config, broker = _state(request)
-    app = authenticate(request, config)
-    data = await _json(request)
-    model = _check_model(config, app, data.get("model"))
+    config, broker, app, data, model = await _begin(request)
     value = await _call(broker, app, model, "embed", {"texts": _texts(data.get("input"), "input")})
     return JSONResponse({"embeddings": value["embeddings"], "usage": {"promptTokenCount": value["prompt_tokens"]}})
 

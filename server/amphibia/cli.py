@@ -54,11 +54,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import asyncio
     import os
     from dataclasses import replace
 
-    from .pool.worker import WorkerOptions, serve
+    from .pool.worker import WorkerOptions, run
 
     config = load_config(args.config) if args.config else load_config(None)
     if args.model not in config.models:
@@ -70,7 +69,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if not token:
         raise AmphibiaError("a pool token is needed: --token, AMPHIBIA_POOL_TOKEN or [pool] token in amphibia.toml")
     opts = WorkerOptions(gateway=args.gateway, token=token, model=spec, slots=args.slots, worker_id=args.worker_id or "")
-    asyncio.run(serve(opts))
+    run(opts)
     return 0
 
 

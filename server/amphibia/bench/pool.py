@@ -96,7 +96,10 @@ def start_peer(workdir: Path) -> Server:
     log = workdir / "peer.log"
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
                              "--port", str(port), "--n_ctx", "2048", "--n_threads", "2", "--n_threads_batch", "2",
-                             "--verbose", "false"], stdout=log.open("w"), stderr=subprocess.STDOUT)
+                             # By default it aborts a running stream whenever a new request arrives;
+                             # a user who wants every request answered turns that off.
+                             "--interrupt_requests", "false", "--verbose", "false"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc, "/v1/models")
     return Server("llama_cpp.server", url, proc, keyed=False, log=log)
@@ -245,7 +248,7 @@ def run(quick: bool, say) -> dict:
                     results["overhead"] = overhead(server, reps)
             finally:
                 server.stop()
-            say(json.dumps({k: v.get(server.name) for k, v in results.items() if isinstance(v, dict)}))
+            say(json.dumps({k: v.get(server.name) for k, v in results.items() if k != "overhead"}))
     t, n = results["throughput"], results["noisy"]
     return {
         "benchmark": "pool", "quick": quick, "slots": SLOTS, "max_tokens": tokens,
