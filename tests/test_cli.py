@@ -76,3 +76,14 @@ def test_bench_cold_start_prints_json_last(tmp_path: Path) -> None:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("instantiate_p50_ms", "instantiate_p99_ms", "cached_load_ms", "compile_s", "baseline_p50_ms", "speedup"):
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
+
+
+def test_bench_pool_quick_prints_the_promised_keys() -> None:
+    """Runs both servers for real (Amphibia and llama_cpp.server), shortened."""
+    out = run("bench", "pool", "--quick", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["throughput"]["ratio"] > 0 and result["throughput"]["amphibia_tok_s"] > 0
+    assert result["throughput"]["peer_tok_s"] > 0
+    assert result["noisy_neighbour"]["amphibia_ratio"] > 0 and result["noisy_neighbour"]["peer_ratio"] > 0
+    assert 0 < result["fairness"]["jain"] <= 1 and isinstance(result["overhead_pct"], (int, float))

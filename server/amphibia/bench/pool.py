@@ -163,7 +163,12 @@ async def keep_busy(client: httpx.AsyncClient, server: Server, app: str, in_flig
             except (httpx.HTTPError, RuntimeError):
                 await asyncio.sleep(0.1)
 
-    await asyncio.gather(*(loop() for _ in range(in_flight)))
+    # At `until`, requests still in flight are abandoned (their clients hang up), not waited for.
+    tasks = [asyncio.create_task(loop()) for _ in range(in_flight)]
+    await asyncio.wait(tasks, timeout=max(0.0, until - time.perf_counter()))
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def noisy_neighbour(server: Server, seconds: float) -> dict:
