@@ -88,7 +88,10 @@ class ServerConfig:
     queue_limit: int = 64
     max_body_bytes: int = 1 << 20
     cache_dir: Path = Path(".amphibia/cache")
-    build_dir: Path = Path(".amphibia/build")
+    # Origins (besides the gateway's own) whose pages may use the browser bridge, e.g.
+    # "https://example.com"; "*" allows any.
+    allowed_origins: tuple[str, ...] = ()
+    bridge_token_ttl_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -227,12 +230,13 @@ def _from_toml(path: Path) -> Config:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
 
     server_table = dict(data.get("server", {}))
-    for key in ("cache_dir", "build_dir"):
-        if key in server_table:
-            server_table[key] = root / server_table[key]
+    if "cache_dir" in server_table:
+        server_table["cache_dir"] = root / server_table["cache_dir"]
+    if "allowed_origins" in server_table:
+        server_table["allowed_origins"] = tuple(server_table["allowed_origins"])
     server = _take(ServerConfig, server_table, f"{path} [server]")
     if "cache_dir" not in server_table:
-        server = replace(server, cache_dir=root / server.cache_dir, build_dir=root / server.build_dir)
+        server = replace(server, cache_dir=root / server.cache_dir)
 
     limits = _limits(Limits(), data.get("limits"), f"{path} [limits]")
 

@@ -23,6 +23,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route, WebSocketRoute
 
 from . import api
+from .bridge import bridge_socket, token_endpoint
 from .build import build
 from .config import AppSpec, Config
 from .engine import Engine
@@ -59,6 +60,7 @@ class Gateway:
     runtime: Runtime
     broker: Broker | None = None
     pool_token: str = ""
+    bridge_secret: bytes = b""  # signs browser bridge tokens; new per gateway process
     apps: dict[str, LoadedApp] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # app name -> build error, shown on the index
 
@@ -195,7 +197,7 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
     runtime = Runtime([LlmHost(engine)], config.server.cache_dir, config.server.guest_threads,
                       config.server.queue_limit)
     token = config.pool.token or os.environ.get("AMPHIBIA_POOL_TOKEN") or secrets.token_urlsafe(24)
-    gateway = Gateway(config, engine, runtime, broker, token)
+    gateway = Gateway(config, engine, runtime, broker, token, secrets.token_bytes(32))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -229,6 +231,8 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
             Route("/apps/{name}", app_root, methods=METHODS),
             Route("/apps/{name}/{path:path}", app_route, methods=METHODS),
             WebSocketRoute("/pool", worker_socket),
+            WebSocketRoute("/bridge", bridge_socket),
+            Route("/bridge/token", token_endpoint),
             Route("/pool", pool_status),
             Route("/metrics", metrics),
             *api.routes,

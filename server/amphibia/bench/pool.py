@@ -4,7 +4,8 @@ machine, same load generator (streaming /v1/completions over HTTP).
 1. throughput: 16 concurrent requests of 64 tokens: aggregate tokens/s, p50/p99 time to first token;
 2. noisy neighbour: app A keeps 16 long requests in flight, app B sends one short request per
    second; B's p99 TTFT under the flood divided by B's TTFT alone;
-3. fairness: 4 apps keeping 4/8/16/32 requests in flight; Jain's index of the tokens each got;
+3. fairness: 4 apps keeping 4/8/16/32 requests in flight; Jain's index of the tokens each received
+   in the window (after a warm-up third);
 4. overhead: one request through gateway + WebSocket + worker vs the same generation in-process.
 The last line printed is one JSON object.
 """
@@ -22,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -116,7 +118,8 @@ class Outcome:
     finished: float
 
 
-async def complete(client: httpx.AsyncClient, server: Server, app: str, max_tokens: int) -> Outcome:
+async def complete(client: httpx.AsyncClient, server: Server, app: str, max_tokens: int,
+                   on_token: Callable[[str], None] | None = None) -> Outcome:
     headers = {"authorization": f"Bearer key-{app}"} if server.keyed else {}
     body = {"model": "smollm2", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
     started = time.perf_counter()
@@ -132,6 +135,8 @@ async def complete(client: httpx.AsyncClient, server: Server, app: str, max_toke
                 raise RuntimeError(f"{server.name}: {chunk['error']}")
             if chunk["choices"] and chunk["choices"][0].get("text"):
                 tokens += 1
+                if on_token is not None:
+                    on_token(app)
                 if ttft is None:
                     ttft = time.perf_counter() - started
     now = time.perf_counter()
@@ -155,11 +160,11 @@ async def throughput(server: Server, clients: int, max_tokens: int) -> dict:
 
 
 async def keep_busy(client: httpx.AsyncClient, server: Server, app: str, in_flight: int, max_tokens: int,
-                    until: float, sink: list[Outcome]) -> None:
+                    until: float, sink: list[Outcome], on_token: Callable[[str], None] | None = None) -> None:
     async def loop() -> None:
         while time.perf_counter() < until:
             try:
-                sink.append(await complete(client, server, app, max_tokens))
+                sink.append(await complete(client, server, app, max_tokens, on_token))
             except (httpx.HTTPError, RuntimeError):
                 await asyncio.sleep(0.1)
 
@@ -196,14 +201,17 @@ async def noisy_neighbour(server: Server, seconds: float) -> dict:
 
 async def fairness(server: Server, seconds: float) -> dict:
     loads = FAIR_LOADS
+    start = time.perf_counter()
+    until = start + seconds
+    tokens = {app: 0 for app in loads}
+
+    def count(app: str) -> None:  # every token received inside the window, after a warm-up third
+        if start + seconds / 3 <= time.perf_counter() <= until:
+            tokens[app] += 1
+
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=200)) as client:
         outs: list[Outcome] = []
-        start = time.perf_counter()
-        until = start + seconds
-        await asyncio.gather(*(keep_busy(client, server, app, n, 48, until, outs) for app, n in loads.items()))
-    # Count what finished inside the window, after a warm-up third.
-    window = [o for o in outs if start + seconds / 3 <= o.finished <= until]
-    tokens = {app: sum(o.tokens for o in window if o.app == app) for app in loads}
+        await asyncio.gather(*(keep_busy(client, server, app, n, 48, until, outs, count) for app, n in loads.items()))
     values = list(tokens.values())
     jain = sum(values) ** 2 / (len(values) * sum(v * v for v in values)) if any(values) else 0.0
     return {"jain": round(jain, 3), "tokens_per_app": tokens, "in_flight_per_app": loads}
