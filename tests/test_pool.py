@@ -31,8 +31,8 @@ FRANCE = [{"role": "system", "content": "You are a helpful AI assistant named Sm
 
 
 class Pool:
-    def __init__(self, url: str, port: int) -> None:
-        self.url, self.port = url, port
+    def __init__(self, url: str, port: int, app=None) -> None:
+        self.url, self.port, self.app = url, port, app
         self.workers: dict[str, subprocess.Popen] = {}
 
     def start_worker(self, worker_id: str, slots: int = 2) -> None:
@@ -65,13 +65,14 @@ def pool() -> Iterator[Pool]:
     config = Config(server=replace(ServerConfig(), cache_dir=CACHE), models=default_models(), apps=apps,
                     pool=PoolConfig(token=TOKEN, quantum_tokens=16), api_keys=KEYS, root=ROOT)
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
+    asgi = create_app(config)
+    srv = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     while not srv.started:
         assert thread.is_alive()
         time.sleep(0.1)
-    p = Pool(f"http://127.0.0.1:{port}", port)
+    p = Pool(f"http://127.0.0.1:{port}", port, asgi)
     p.start_worker("wA")
     p.start_worker("wB")
     p.wait_for(lambda s: len(s["workers"]) == 2, "two workers")
@@ -257,3 +258,76 @@ def test_pool_status_and_metrics(pool: Pool) -> None:
                  "amphibia_inter_token_seconds", "amphibia_generated_tokens_total", "amphibia_rejections_total"):
         assert name in metrics, name
     assert 'amphibia_rejections_total{app="limited",reason="overloaded"}' in metrics
+
+
+# --- the browser bridge (server side) ----------------------------------------------------------------
+def bridge_token(pool: Pool, app: str = "chat", origin: str | None = None) -> httpx.Response:
+    headers = {"origin": origin} if origin else {}
+    return httpx.get(f"{pool.url}/bridge/token", params={"app": app}, headers=headers)
+
+
+async def bridge(pool: Pool, token: str, frames: list[str], origin: str | None = None,
+                 until: str = "done") -> tuple[list[dict], int | None]:
+    """Send frames; collect replies until a message of type `until` (or the close)."""
+    url = f"ws://127.0.0.1:{pool.port}/bridge?token={token}"
+    got: list[dict] = []
+    try:
+        async with websockets.connect(url, origin=origin or pool.url, max_size=None) as ws:
+            for frame in frames:
+                await ws.send(frame)
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                got.append(msg)
+                if msg["type"] == until:
+                    return got, None
+    except websockets.ConnectionClosed as closed:
+        return got, closed.rcvd.code if closed.rcvd else None
+    return got, None
+
+
+def test_bridge_generates_embeds_and_cancels(pool: Pool) -> None:
+    res = bridge_token(pool)
+    assert res.status_code == 200 and res.headers["cache-control"] == "no-store"
+    token = res.json()["token"]
+    assign = wire.Assign(id="p1", model="", params={"temperature": 0.0, "max_tokens": 32}, messages=FRANCE[1:])
+    got, code = asyncio.run(bridge(pool, token, [assign.encode()]))
+    assert code is None and got[0]["type"] == "token" and all(m["id"] == "p1" for m in got)
+    assert "".join(m["text"] for m in got if m["type"] == "token") == "The capital of France is Paris."
+    assert got[-1]["generated_tokens"] == 7
+
+    call = wire.Call(id="e1", model="smollm2", method="embed", args={"texts": ["frog"]})
+    got, _ = asyncio.run(bridge(pool, token, [call.encode()], until="result"))
+    assert len(got[-1]["value"]["embeddings"][0]) == 576
+
+    story = wire.Assign(id="s1", model="smollm2", params={"max_tokens": 300, "temperature": 0.0},
+                        messages=[{"role": "user", "content": "Write a very long story about a frog."}])
+    got, _ = asyncio.run(bridge(pool, token, [story.encode()], until="token"))
+    pool.wait_for(lambda s: all(not w["running"] for w in s["workers"]), "the page's slot to be freed", timeout=10)
+
+    bad = wire.Assign(id="b1", model="gpt-9", params={}, prompt="hi")
+    got, _ = asyncio.run(bridge(pool, token, [bad.encode()], until="failed"))
+    assert got[-1]["error_type"] == "model_not_supported"
+
+
+def test_bridge_rejects_bad_tokens_origins_frames_and_floods(pool: Pool) -> None:
+    from amphibia.bridge import CLOSE_BAD_TOKEN, CLOSE_FLOOD, CLOSE_ORIGIN, issue_token
+
+    assert bridge_token(pool, "nope").status_code == 404
+    assert bridge_token(pool, origin="https://evil.example").status_code == 403
+    token = bridge_token(pool).json()["token"]
+    secret = pool.app.state.gateway.bridge_secret
+    ping = wire.Call(id="t", model="smollm2", method="tokenize", args={"text": "hi"}).encode()
+    assert asyncio.run(bridge(pool, "", [ping]))[1] == CLOSE_BAD_TOKEN
+    assert asyncio.run(bridge(pool, token[:-4] + "AAAA", [ping]))[1] == CLOSE_BAD_TOKEN
+    expired = issue_token(secret, "chat", pool.url, ttl_s=-1)
+    assert asyncio.run(bridge(pool, expired, [ping]))[1] == CLOSE_BAD_TOKEN
+    assert asyncio.run(bridge(pool, token, [ping], origin="https://evil.example"))[1] == CLOSE_ORIGIN
+    foreign = issue_token(secret, "chat", "https://evil.example")  # signed, but for an origin not allowed
+    assert asyncio.run(bridge(pool, foreign, [ping], origin="https://evil.example"))[1] == CLOSE_ORIGIN
+    assert asyncio.run(bridge(pool, token, ['{"type": "hello"}']))[1] == wire.CLOSE_PROTOCOL
+    assert asyncio.run(bridge(pool, token, ["x" * (2 << 20)]))[1] == wire.CLOSE_TOO_BIG
+    assert asyncio.run(bridge(pool, token, [ping] * 200, until="never"))[1] == CLOSE_FLOOD
+    # The server and the pool are fine.
+    got, code = asyncio.run(bridge(pool, token, [ping], until="result"))
+    assert code is None and got[-1]["value"] == [6004]
+    assert pool.worker_ids() == {"wA", "wB"}

@@ -2,7 +2,7 @@
 
 A page running an app in the browser sends its `llm` calls here when it cannot (or should not)
 run them locally. The messages are the pool's own (`wire.Assign`, `wire.Call`, `wire.Cancel` in;
-`Started`, `Token`, `Done`, `Failed`, `Result` out), so the bridge is a worker-shaped client of
+`Token`, `Done`, `Failed`, `Result` out), so the bridge is a worker-shaped client of
 the broker that asks instead of answers. Each connection carries a short-lived token, signed by the
 gateway, bound to one app and one origin; requests run as that app, under its limits and share.
 """
