@@ -169,3 +169,17 @@ def test_fair_shares_under_contention() -> None:
     values = [broker.service[a.name] for a in apps]
     jain = sum(values) ** 2 / (len(values) * sum(v * v for v in values))
     assert jain > 0.95, values
+
+
+def test_tokens_per_minute_limit() -> None:
+    broker = Broker(PoolConfig())
+    link, _ = worker(broker, slots=2)
+    metered = app("metered", tokens_per_minute=10)
+    first = job(metered)
+    broker.submit(first)
+    generate(broker, link, first, 10)
+    broker.on_message(link, wire.Done(first.id, 10, 10, "length"))
+    with pytest.raises(Overloaded, match="10 tokens per minute") as info:
+        broker.submit(job(metered))
+    assert 0 < info.value.retry_after_ms <= 60_000
+    broker.submit(job(app("unmetered")))  # other apps are not affected

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from .chat_template import validate_messages
 from .config import AppSpec, Config
 from .engine import SamplingParams, Usage
-from .errors import AmphibiaError, BadRequest, InvalidInput, ModelNotSupported
+from .errors import AmphibiaError, BadRequest, InvalidInput, ModelNotSupported, error_response
 from .pool import wire
 from .pool.broker import Broker, Job
 
@@ -175,17 +175,12 @@ async def _call(broker: Broker, app: AppSpec, model: str, method: str, args: dic
     return value
 
 
-def _error(exc: AmphibiaError) -> JSONResponse:
-    headers = {"retry-after": str(max(1, round(getattr(exc, "retry_after_ms", 1000) / 1000)))} if exc.status == 429 else {}
-    return JSONResponse(exc.to_json(), exc.status, headers)
-
-
 def handles_errors(fn: Any) -> Any:
     async def endpoint(request: Request) -> Response:
         try:
             return await fn(request)
         except AmphibiaError as exc:
-            return _error(exc)
+            return error_response(exc)
 
     return endpoint
 

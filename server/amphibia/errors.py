@@ -5,7 +5,10 @@ the LLM ones into the WIT `error` variant. Logging happens once, where the error
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.responses import JSONResponse
 
 
 class AmphibiaError(Exception):
@@ -97,3 +100,13 @@ class Overloaded(LLMError):
 class InferenceTimeout(LLMError):
     status = 504
     type = "timeout"
+
+
+def error_response(exc: AmphibiaError, request_id: str = "") -> "JSONResponse":
+    """The HTTP answer for any AmphibiaError: its status, the JSON shape, Retry-After when overloaded."""
+    from starlette.responses import JSONResponse
+
+    headers = {"x-request-id": request_id} if request_id else {}
+    if isinstance(exc, Overloaded):
+        headers["retry-after"] = str(max(1, round(exc.retry_after_ms / 1000)))
+    return JSONResponse(exc.to_json(), exc.status, headers)

@@ -27,7 +27,7 @@ from .bridge import bridge_socket, token_endpoint
 from .build import build
 from .config import AppSpec, Config
 from .engine import Engine
-from .errors import AmphibiaError, AppNotFound, BadRequest, Overloaded
+from .errors import AmphibiaError, AppNotFound, BadRequest, error_response
 from .host.llm import LlmHost
 from .pool.broker import Broker
 from .pool.engine import PoolEngine
@@ -63,13 +63,6 @@ class Gateway:
     bridge_secret: bytes = b""  # signs browser bridge tokens; new per gateway process
     apps: dict[str, LoadedApp] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # app name -> build error, shown on the index
-
-
-def error_response(exc: AmphibiaError, request_id: str = "") -> JSONResponse:
-    headers = {"x-request-id": request_id} if request_id else {}
-    if isinstance(exc, Overloaded):
-        headers["retry-after"] = str(max(1, round(exc.retry_after_ms / 1000)))
-    return JSONResponse(exc.to_json(), exc.status, headers)
 
 
 def load_apps(gateway: Gateway) -> None:

@@ -278,7 +278,8 @@ class Broker:
             job.text += msg.text
             job.generated += msg.n
             self._charge(app, self.config.generated_weight * msg.n)
-            self._tokens[app.name].append((now, msg.n))
+            if app.limits.tokens_per_minute:  # the window is only needed where a limit reads it
+                self._tokens[app.name].append((now, msg.n))
             self.metrics.tokens.labels(app.name).inc(msg.n)
             job.sink.token(msg.text)
             self._maybe_preempt(job.model)
