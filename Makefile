@@ -23,8 +23,13 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e '.[test]'
 	touch $@ $(VENV)/.installed
 
-install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+# jco (pinned in browser/package-lock.json) transpiles each app for the browser during `amphibia build`.
+browser/node_modules/.package-lock.json: browser/package.json browser/package-lock.json
+	cd browser && npm ci --no-audit --no-fund
+	touch $@
+
+install: $(VENV)/.installed browser/node_modules/.package-lock.json
+install-test: $(VENV)/.installed-test browser/node_modules/.package-lock.json
 
 build: install
 	@for app in $(dir $(EXAMPLES)); do $(BIN)/amphibia build $$app || exit 1; done
@@ -40,4 +45,4 @@ bench: install-test
 	$(BIN)/amphibia bench pool
 
 clean:
-	rm -rf .amphibia examples/*/.amphibia tests/apps/*/.amphibia
+	rm -rf .amphibia examples/*/.amphibia tests/apps/*/.amphibia browser/node_modules

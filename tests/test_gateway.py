@@ -183,3 +183,25 @@ def test_concurrent_apps_with_misbehaving_neighbours(http: httpx.Client, server:
     with cf.ThreadPoolExecutor(len(calls)) as pool:
         statuses = list(pool.map(call, calls))
     assert statuses == [c[3] for c in calls]
+
+
+def test_browser_build_is_served_with_caching_headers(http: httpx.Client) -> None:
+    from conftest import EXAMPLES
+
+    apps = {a["name"]: a for a in http.get("/api/apps").json()["apps"]}
+    base = apps["chat"]["browser"]
+    assert base and base.startswith("/apps/chat/browser/@")
+    res = http.get(base + "app.js")
+    assert res.status_code == 200 and res.headers["content-type"].startswith("text/javascript")
+    assert res.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert res.headers["content-encoding"] == "gzip"
+    assert res.content == (EXAMPLES / "chat" / ".amphibia" / "browser" / "app.js").read_bytes()
+    assert "export function instantiate" in res.text  # jco's async-instantiation build: no bare imports
+    core = http.get(base + "app.core.wasm")
+    assert core.headers["content-type"] == "application/wasm" and core.content[:4] == b"\0asm"
+    assert http.get("/apps/chat/browser/app.sync.js").headers["cache-control"] == "no-cache"
+    again = http.get(base + "app.js", headers={"if-none-match": res.headers["etag"]})
+    assert again.status_code == 304
+    for bad in ("/apps/chat/browser/@0000000000000000/app.js", base + "../app.wasm", base + "nope.js",
+                "/apps/nope/browser/app.js"):
+        assert http.get(bad).status_code == 404, bad

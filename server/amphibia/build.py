@@ -27,6 +27,9 @@ ENTRY_MODULE = "amphibia_guest.entry"
 SDK_DIR = Path(amphibia_guest.__file__).resolve().parent
 WIT_DIR = SDK_DIR.parent / "wit"
 SKIP = {"__pycache__", ".amphibia", "build", ".git"}
+BROWSER_DIR = SDK_DIR.parent.parent / "browser"  # package.json pins jco; `make` runs npm ci there
+LLM_IMPORTS = ("infer", "chat", "infer-stream", "chat-stream", "generate-embeddings", "tokenize", "detokenize",
+               "[method]token-stream.next")
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,8 @@ def build(app_dir: str | Path, out_dir: str | Path | None = None, name: str | No
             manifest = json.loads(manifest_path.read_text())
         except ValueError:
             manifest = {}
-        if manifest.get("source_sha256") == src and manifest.get("wasm_sha256") == _sha256(wasm):
+        browser_ok = manifest.get("browser") is not None or jco_path() is None
+        if manifest.get("source_sha256") == src and manifest.get("wasm_sha256") == _sha256(wasm) and browser_ok:
             return BuildResult(wasm, manifest, rebuilt=False)
 
     check_syntax(app_dir)
@@ -151,14 +155,48 @@ def build(app_dir: str | Path, out_dir: str | Path | None = None, name: str | No
             "wasm_sha256": digest,
             "wasm_bytes": tmp_wasm.stat().st_size,
             "componentize_py": metadata.version("componentize-py"),
-            "build_seconds": round(time.perf_counter() - started, 2),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        manifest["browser"] = transpile_for_browser(tmp_wasm, Path(tmp) / "browser")
+        manifest["build_seconds"] = round(time.perf_counter() - started, 2)
         os.replace(tmp_wasm, wasm)
+        if manifest["browser"] is not None:
+            shutil.rmtree(out_dir / "browser", ignore_errors=True)
+            os.replace(Path(tmp) / "browser", out_dir / "browser")
         tmp_manifest = Path(tmp) / "manifest.json"
         tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(tmp_manifest, manifest_path)
     return BuildResult(wasm, manifest, rebuilt=True)
+
+
+def jco_path() -> Path | None:
+    jco = BROWSER_DIR / "node_modules" / ".bin" / "jco"
+    return jco if jco.exists() and shutil.which("node") else None
+
+
+def transpile_for_browser(wasm: Path, out: Path) -> dict | None:
+    """The same component for the browser, with jco: a JSPI build (`app.js`: every `llm` import and
+    `handle` async) and a sync build (`app.sync.js`) for browsers without JSPI. Both load the same
+    core .wasm files. Returns {file: sha256}, or None where jco is not installed."""
+    jco = jco_path()
+    if jco is None:
+        return None
+    base = [str(jco), "transpile", str(wasm), "-q", "-I", "async"]
+    jspi = ["--async-mode", "jspi", "--async-exports", "handle"]
+    for name in LLM_IMPORTS:
+        jspi += ["--async-imports", f"amphibia:ai/llm@0.1.0#{name}"]
+    for args, target in ((jspi, out), ([], out / "sync")):
+        proc = subprocess.run([*base, *args, "-o", str(target)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BuildError(f"jco transpile failed for {wasm}:\n{proc.stderr.strip()[-3000:]}")
+    # The sync build's core modules are byte-identical to the JSPI build's: keep one copy.
+    for core in (out / "sync").glob("*.wasm"):
+        if _sha256(core) != _sha256(out / core.name):
+            raise BuildError(f"jco's sync and JSPI builds differ in {core.name}")
+        core.unlink()
+    os.replace(out / "sync" / "app.js", out / "app.sync.js")
+    shutil.rmtree(out / "sync")
+    return {p.relative_to(out).as_posix(): _sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def _sha256(path: Path) -> str:

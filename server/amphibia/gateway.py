@@ -24,6 +24,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from . import api
 from .bridge import bridge_socket, token_endpoint
+from .browser_files import browser_file, version_of
 from .build import build
 from .config import AppSpec, Config
 from .engine import Engine
@@ -158,7 +159,8 @@ async def list_apps(request: Request) -> Response:
     return JSONResponse({"apps": [
         {"name": a.spec.name, "description": a.spec.description, "model": a.spec.model,
          "allowed_models": list(a.spec.allowed_models), "url": f"/apps/{a.spec.name}/",
-         "wasm_sha256": a.manifest.get("wasm_sha256")}
+         "wasm_sha256": a.manifest.get("wasm_sha256"),
+         "browser": f"/apps/{a.spec.name}/browser/@{version_of(a.manifest)}/" if a.manifest.get("browser") else None}
         for a in gateway.apps.values()
     ]})
 
@@ -222,6 +224,7 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
             Route("/healthz", healthz),
             Route("/api/apps", list_apps),
             Route("/apps/{name}", app_root, methods=METHODS),
+            Route("/apps/{name}/browser/{path:path}", browser_file, methods=["GET", "HEAD"]),
             Route("/apps/{name}/{path:path}", app_route, methods=METHODS),
             WebSocketRoute("/pool", worker_socket),
             WebSocketRoute("/bridge", bridge_socket),

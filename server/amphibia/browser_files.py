@@ -1,0 +1,66 @@
+"""`/apps/{name}/browser/...`: the app's browser build (jco output), served for pages.
+
+Only files listed in the app's build manifest are served, so no path outside the build can be
+asked for. Under `@{version}/` (the first 16 hex digits of the component's sha256) a file is
+immutable and cached for a year; without it, it is revalidated by ETag. Text and wasm are
+gzip-compressed once per file and kept in memory.
+"""
+from __future__ import annotations
+
+import asyncio
+import gzip
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+MEDIA_TYPES = {".js": "text/javascript; charset=utf-8", ".wasm": "application/wasm", ".ts": "text/plain; charset=utf-8"}
+_gzipped: dict[str, bytes] = {}  # file sha256 -> gzip body; content-addressed, so never stale
+
+
+def _not_found(message: str) -> Response:
+    return JSONResponse({"error": {"type": "not_found", "message": message}}, 404)
+
+
+def version_of(manifest: dict) -> str:
+    return manifest["wasm_sha256"][:16]
+
+
+async def browser_file(request: Request) -> Response:
+    gateway = request.app.state.gateway
+    name, path = request.path_params["name"], request.path_params["path"]
+    app = gateway.apps.get(name)
+    if app is None:
+        return _not_found(f"no app named {name!r}")
+    files: dict[str, str] = app.manifest.get("browser") or {}
+    if not files:
+        return _not_found(f"app {name!r} has no browser build (jco is installed by `make`)")
+    version = None
+    if path.startswith("@"):
+        version, _, path = path[1:].partition("/")
+        if version != version_of(app.manifest):
+            return _not_found(f"version {version} of {name!r} is not served (current: {version_of(app.manifest)})")
+    sha = files.get(path)
+    if sha is None:
+        return _not_found(f"{path!r} is not part of {name!r}'s browser build")
+    etag = f'"{sha[:32]}"'
+    headers = {
+        "etag": etag,
+        "cache-control": "public, max-age=31536000, immutable" if version else "no-cache",
+        "vary": "accept-encoding",
+        "cross-origin-resource-policy": "cross-origin",  # pages on other origins embed apps
+    }
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    media_type = MEDIA_TYPES.get(Path(path).suffix, "application/octet-stream")
+    file = app.spec.path / ".amphibia" / "browser" / path
+    # Reading and compressing an 11 MB core module takes ~0.5 s: never on the event loop.
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        body = _gzipped.get(sha)
+        if body is None:
+            compressed = await asyncio.to_thread(lambda: gzip.compress(file.read_bytes(), compresslevel=6))
+            body = _gzipped.setdefault(sha, compressed)
+        headers["content-encoding"] = "gzip"
+    else:
+        body = await asyncio.to_thread(file.read_bytes)
+    return Response(body, media_type=media_type, headers=headers)
