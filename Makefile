@@ -37,7 +37,11 @@ build: install
 up: build
 	$(BIN)/amphibia up examples --host $(HOST) --port $(PORT)
 
-test: install-test
+# The browser tests drive Debian's Chromium with Playwright (never a browser download).
+/usr/bin/chromium:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+test: install-test /usr/bin/chromium
 	$(BIN)/python -m pytest
 
 bench: install-test

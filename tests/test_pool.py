@@ -4,85 +4,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import json
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
-from dataclasses import replace
-from typing import Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
 import websockets
 
-from amphibia.config import AppSpec, Config, Limits, PoolConfig, ServerConfig, default_models, discover_apps
 from amphibia.pool import wire
 
-from conftest import CACHE, EXAMPLES, ROOT, TEST_APPS, free_port
-
-TOKEN = "test-pool-token"
-KEYS = {"key-chat": "chat", "key-tokens": "tokens", "key-misbehave": "misbehave", "key-limited": "limited"}
-FRANCE = [{"role": "system", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"},
-          {"role": "user", "content": "What is the capital of France? Answer in two sentences."}]
-
-
-class Pool:
-    def __init__(self, url: str, port: int, app=None) -> None:
-        self.url, self.port, self.app = url, port, app
-        self.workers: dict[str, subprocess.Popen] = {}
-
-    def start_worker(self, worker_id: str, slots: int = 2) -> None:
-        cmd = [sys.executable, "-m", "amphibia.cli", "worker", "--gateway", f"ws://127.0.0.1:{self.port}/pool",
-               "--slots", str(slots), "--worker-id", worker_id]
-        self.workers[worker_id] = subprocess.Popen(cmd, env={**os.environ, "AMPHIBIA_POOL_TOKEN": TOKEN})
-
-    def status(self) -> dict:
-        return httpx.get(f"{self.url}/pool", timeout=10).json()
-
-    def wait_for(self, condition, what: str, timeout: float = 120) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            status = self.status()
-            if condition(status):
-                return status
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}: {self.status()}")
-
-    def worker_ids(self) -> set[str]:
-        return {w["id"] for w in self.status()["workers"]}
-
-
-@pytest.fixture(scope="session")
-def pool() -> Iterator[Pool]:
-    from amphibia.gateway import create_app
-
-    apps = {**discover_apps(EXAMPLES), **discover_apps(TEST_APPS)}
-    apps["limited"] = replace(apps["misbehave"], name="limited", limits=Limits(max_concurrent=2, timeout_s=5))
-    config = Config(server=replace(ServerConfig(), cache_dir=CACHE), models=default_models(), apps=apps,
-                    pool=PoolConfig(token=TOKEN, quantum_tokens=16), api_keys=KEYS, root=ROOT)
-    port = free_port()
-    asgi = create_app(config)
-    srv = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        assert thread.is_alive()
-        time.sleep(0.1)
-    p = Pool(f"http://127.0.0.1:{port}", port, asgi)
-    p.start_worker("wA")
-    p.start_worker("wB")
-    p.wait_for(lambda s: len(s["workers"]) == 2, "two workers")
-    yield p
-    for proc in p.workers.values():
-        proc.terminate()
-    for proc in p.workers.values():
-        proc.wait(10)
-    srv.should_exit = True
-    thread.join(10)
+from conftest import FRANCE, TOKEN, Pool
 
 
 def client(pool: Pool, key: str = "key-chat") -> openai.OpenAI:
@@ -235,7 +167,7 @@ def test_killed_worker_loses_no_request_and_a_restarted_one_rejoins(pool: Pool) 
 
     with cf.ThreadPoolExecutor(len(prompts)) as ex:
         futures = [ex.submit(ask, p) for p in prompts]
-        status = pool.wait_for(lambda s: any(j["generated"] >= 5 for w in s["workers"] if w["id"] == "wA"
+        pool.wait_for(lambda s: any(j["generated"] >= 5 for w in s["workers"] if w["id"] == "wA"
                                              for j in w["running"]), "tokens flowing on wA", timeout=60)
         pool.workers["wA"].send_signal(signal.SIGKILL)
         pool.workers["wA"].wait(10)

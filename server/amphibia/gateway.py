@@ -20,12 +20,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 
 from . import api
 from .bridge import bridge_socket, token_endpoint
 from .browser_files import browser_file, version_of
-from .build import build
+from .build import BROWSER_DIR, build
 from .config import AppSpec, Config
 from .engine import Engine
 from .errors import AmphibiaError, AppNotFound, BadRequest, error_response
@@ -231,6 +232,10 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
             Route("/bridge/token", token_endpoint),
             Route("/pool", pool_status),
             Route("/metrics", metrics),
+            # The in-page runtime and the WASI shim it hands to guests (from browser/, see browser/README.md).
+            Mount("/amphibia/shim", StaticFiles(directory=BROWSER_DIR / "node_modules/@bytecodealliance/preview2-shim/dist/browser",
+                                                check_dir=False)),
+            Mount("/amphibia", StaticFiles(directory=BROWSER_DIR / "src", html=True, check_dir=False)),
             *api.routes,
         ],
         exception_handlers={HTTPException: http_error, Exception: server_error},

@@ -1,7 +1,6 @@
 """Process-per-request baseline for `amphibia bench cold-start`: the chat example's handler as a plain
 Python program (same SDK routing, same JSON work, the same echo in place of the model), run as a new
 `python` process for every request, the way CGI-style or fork-per-request hosting would."""
-import json
 import sys
 
 from amphibia_guest import App, Request, Response

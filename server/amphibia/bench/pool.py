@@ -219,7 +219,6 @@ async def fairness(server: Server, seconds: float) -> dict:
 
 def overhead(server: Server, reps: int, max_tokens: int = 64) -> dict:
     """The same greedy generation through the pool and in this process (median of `reps`)."""
-    from .. import chat_template  # noqa: F401 - same prompt path
     from ..llama_model import LlamaModel
 
     def pooled() -> float:
