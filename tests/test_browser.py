@@ -3,6 +3,7 @@ download): JSPI, a module Worker, and llm calls over the /bridge into the real p
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from typing import Iterator
 
@@ -82,3 +83,19 @@ def test_llm_errors_and_a_trapped_guest_in_the_browser(page: Page) -> None:
     assert "error" in results[2] and "unreachable" in results[2]["error"]
     assert results[3] == {"status": 200, "body": "ok"}
     assert results[4]["status"] == 500 and "boom from the guest" in results[4]["body"]
+
+
+def test_the_amphibia_app_element(page: Page) -> None:
+    page.evaluate("""async () => {
+        await import("/amphibia/amphibia.js");
+        document.body.innerHTML = '<amphibia-app id="chat" src="/apps/chat/"></amphibia-app>';
+    }""")
+    status = page.locator("#chat").locator(".status")
+    status.filter(has_text="engine: remote").wait_for(timeout=30_000)
+    page.locator("#chat").locator("textarea").fill("What is the capital of France? Answer in two sentences.")
+    page.locator("#chat").locator("button").click()
+    status.filter(has_text="tokens/s").wait_for(timeout=60_000)
+    answer = page.locator("#chat").locator("pre").inner_text()
+    assert answer.strip() and "failed" not in answer  # the chat app samples at 0.8: any real answer
+    text = status.inner_text()
+    assert " 200 " in text and int(re.search(r"(\d+) tokens ", text).group(1)) > 0, text

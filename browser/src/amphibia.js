@@ -28,10 +28,11 @@ export async function load(appUrl, options = {}) {
   return app;
 }
 
-class App {
+class App extends EventTarget {
   constructor(name, config) {
+    super();
     this.name = name;
-    this.engine = "remote";
+    this.engine = null;
     this.#config = config;
     this.ready = this.#start();
   }
@@ -44,6 +45,10 @@ class App {
   async #start() {
     this.#worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
     this.#worker.onmessage = ({ data }) => {
+      if (data.event) { // "engine" (which engine answers, and why) and "token" (text as it streams)
+        this.dispatchEvent(new CustomEvent(data.event, { detail: data.detail }));
+        return;
+      }
       const call = this.#calls.get(data.id);
       if (!call) return;
       this.#calls.delete(data.id);
@@ -54,7 +59,9 @@ class App {
       for (const call of this.#calls.values()) call.reject(new Error(event.message || "worker failed"));
       this.#calls.clear();
     };
-    await this.#rpc("init", this.#config);
+    const info = await this.#rpc("init", this.#config);
+    this.engine = info.engine;
+    this.reason = info.reason;
   }
 
   #rpc(op, args) {
@@ -86,3 +93,57 @@ class App {
     this.#worker?.terminate();
   }
 }
+
+/** `<amphibia-app src="/apps/chat/">`: a default UI for an app running in this page. */
+class AmphibiaAppElement extends HTMLElement {
+  #app = null;
+
+  connectedCallback() {
+    const root = this.attachShadow({ mode: "open" });
+    root.innerHTML = `
+      <style>
+        :host { display: block; font: 15px/1.4 system-ui, sans-serif; border: 1px solid #cfdcd2; border-radius: 8px; padding: .8rem; }
+        textarea { width: 100%; box-sizing: border-box; min-height: 3rem; font: inherit; }
+        button { margin-top: .4rem; font: inherit; }
+        pre { white-space: pre-wrap; background: #f3f7f4; padding: .5rem; min-height: 1.5rem; }
+        .status { color: #5b6b60; font-size: .85rem; }
+      </style>
+      <textarea part="input" placeholder="Message"></textarea>
+      <button part="send" disabled>Send</button>
+      <pre part="output"></pre>
+      <div class="status" part="status">loading…</div>`;
+    const [input, send, output, status] = ["textarea", "button", "pre", ".status"].map((q) => root.querySelector(q));
+    load(this.getAttribute("src")).then((app) => {
+      this.#app = app;
+      status.textContent = `engine: ${app.engine} (${app.reason})`;
+      send.disabled = false;
+      let tokens = 0;
+      app.addEventListener("token", (e) => { tokens += 1; output.textContent += e.detail.text; });
+      send.onclick = async () => {
+        send.disabled = true;
+        output.textContent = "";
+        tokens = 0;
+        const started = performance.now();
+        try {
+          const res = await app.handle({ method: "POST", path: this.getAttribute("path") || "/", body: input.value });
+          let text = res.text();
+          try { text = JSON.parse(text).reply ?? JSON.stringify(JSON.parse(text), null, 2); } catch {}
+          output.textContent = text;
+          const seconds = (performance.now() - started) / 1000;
+          status.textContent = `engine: ${app.engine} (${app.reason}) · ${res.status} · ${tokens} tokens · ${(tokens / seconds).toFixed(1)} tokens/s`;
+        } catch (err) {
+          output.textContent = String(err.message || err);
+        } finally {
+          send.disabled = false;
+          this.dispatchEvent(new CustomEvent("answer", { detail: output.textContent }));
+        }
+      };
+    }, (err) => { status.textContent = `failed to load: ${err.message}`; });
+  }
+
+  disconnectedCallback() {
+    this.#app?.close();
+  }
+}
+
+if (!customElements.get("amphibia-app")) customElements.define("amphibia-app", AmphibiaAppElement);

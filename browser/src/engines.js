@@ -16,8 +16,9 @@ function wasiError(errorType, message) {
 }
 
 export class RemoteEngine {
-  constructor(url) {
+  constructor(url, onToken = () => {}) {
     this.url = url;
+    this.onToken = onToken; // every streamed piece, for the page's live view
     this.pending = new Map();
     this.nextId = 1;
     this.socket = null;
@@ -57,7 +58,7 @@ export class RemoteEngine {
     let wake = null;
     const push = (item) => { queue.push(item); wake?.(); };
     const id = await this.#send({ type: "assign", model, params, prompt, messages }, (msg) => {
-      if (msg.type === "token") push({ text: msg.text });
+      if (msg.type === "token") { this.onToken(msg.text); push({ text: msg.text }); }
       else if (msg.type === "done") { this.pending.delete(msg.id); push({ done: msg }); }
       else if (msg.type === "failed") { this.pending.delete(msg.id); push({ error: wasiError(msg.error_type, msg.message) }); }
     });

@@ -24,9 +24,11 @@ const ops = {
     if (typeof WebAssembly.Suspending !== "function") {
       throw new Error("this browser lacks JSPI (WebAssembly.Suspending); the sync fallback is not built yet");
     }
-    engine = new RemoteEngine(config.bridge);
+    engine = new RemoteEngine(config.bridge, (text) => self.postMessage({ event: "token", detail: { text } }));
     instance = await instantiate();
-    return { engine: "remote", jspi: true };
+    const reason = "the shared pool over the bridge (no local engine in this build)";
+    self.postMessage({ event: "engine", detail: { engine: "remote", reason } });
+    return { engine: "remote", reason, jspi: true };
   },
   async handle(req) {
     try {
