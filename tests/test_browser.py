@@ -17,7 +17,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # Playwright's sync API keeps an event loop running until it exits
 def page(pool: Pool) -> Iterator[Page]:
     executable = shutil.which("chromium") or "/usr/bin/chromium"
     with sync_playwright() as p:
