@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from amphibia.config import AppSpec, Limits, PoolConfig
-from amphibia.engine import Usage
+from amphibia.engine import SamplingParams, Usage
 from amphibia.errors import AmphibiaError, Overloaded
 from amphibia.pool import wire
 from amphibia.pool.broker import Broker, Job, WorkerLink
@@ -35,9 +35,7 @@ def app(name: str, **limits) -> AppSpec:
 
 
 def job(a: AppSpec) -> Job:
-    j = Job(app=a, model="m", sink=Collect(), assign=wire.Assign(id="", model="m", params={}, prompt="p"))
-    j.assign.id = j.id
-    return j
+    return Job.generation(a, "m", Collect(), SamplingParams(), prompt="p")
 
 
 def worker(broker: Broker, slots: int = 1) -> tuple[WorkerLink, list]:

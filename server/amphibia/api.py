@@ -8,7 +8,7 @@ import json
 import math
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import replace
 from typing import Any, AsyncIterator
 
 from starlette.requests import Request
@@ -18,17 +18,8 @@ from starlette.routing import Route
 from .chat_template import validate_messages
 from .config import AppSpec, Config
 from .engine import SamplingParams, Usage
-from .errors import AmphibiaError, BadRequest, InvalidInput, ModelNotSupported, error_response
-from .pool import wire
+from .errors import AmphibiaError, BadRequest, Forbidden, InvalidInput, ModelNotSupported, Unauthorized, error_response
 from .pool.broker import Broker, Job
-
-
-class Unauthorized(AmphibiaError):
-    status, type = 401, "unauthorized"
-
-
-class Forbidden(AmphibiaError):
-    status, type = 403, "forbidden"
 
 
 class QueueSink:
@@ -110,7 +101,6 @@ def _number(data: dict, key: str, kind: type, default: Any = None) -> Any:
 
 def _params(data: dict, names: dict[str, str], config: Config, model: str) -> SamplingParams:
     """SamplingParams from a request; `names` maps our field names to the API's."""
-    base = SamplingParams()
     values: dict[str, Any] = {}
     for ours, theirs in names.items():
         kind = int if ours in ("max_tokens", "top_k", "repeat_last_n", "seed") else float
@@ -124,50 +114,47 @@ def _params(data: dict, names: dict[str, str], config: Config, model: str) -> Sa
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise InvalidInput("'stop' must be a string or a list of strings")
         values["stop"] = tuple(stop)
-    params = SamplingParams(**{**asdict(base), **values})
-    return params.validate(config.models[model].n_ctx)
+    return replace(SamplingParams(), **values).validate(config.models[model].n_ctx)
 
 
 async def _generate(broker: Broker, app: AppSpec, model: str, params: SamplingParams, prompt: str | None = None,
                     messages: list | None = None) -> tuple[Job, QueueSink]:
     sink = QueueSink()
-    assign = wire.Assign(id="", model=model, params=asdict(params), prompt=prompt, messages=messages)
-    job = Job(app=app, model=model, sink=sink, assign=assign)
-    assign.id = job.id
+    job = Job.generation(app, model, sink, params, prompt=prompt, messages=messages)
     broker.submit(job)
     return job, sink
 
 
 async def _collect(broker: Broker, job: Job, sink: QueueSink, request: Request) -> tuple[str, Usage, str]:
     """Wait for the whole answer; if the client hangs up meanwhile, cancel the job and free its slot."""
+
+    async def watch() -> None:  # polls the connection, so the per-token loop below stays a plain get()
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.5)
+        broker.cancel(job.id)
+        sink.fail(BadRequest("client disconnected"))
+
+    watcher = asyncio.create_task(watch())
     parts: list[str] = []
-    checked = time.monotonic()
     try:
         while True:
-            try:
-                kind, value = await asyncio.wait_for(sink.queue.get(), 0.5)
-            except asyncio.TimeoutError:
-                kind, value = "", None
-            if time.monotonic() - checked > 0.5:
-                checked = time.monotonic()
-                if await request.is_disconnected():
-                    broker.cancel(job.id)
-                    raise BadRequest("client disconnected") from None
+            kind, value = await sink.queue.get()
             if kind == "token":
                 parts.append(value)
             elif kind == "done":
                 return "".join(parts), value[0], value[1]
             elif kind == "error":
                 raise value
-    except asyncio.CancelledError:  # the client went away: free the slot
+    except asyncio.CancelledError:  # the handler itself was cancelled: free the slot
         broker.cancel(job.id)
         raise
+    finally:
+        watcher.cancel()
 
 
 async def _call(broker: Broker, app: AppSpec, model: str, method: str, args: dict) -> Any:
     sink = QueueSink()
-    job = Job(app=app, model=model, sink=sink, call=wire.Call(id="", model=model, method=method, args=args))
-    job.call.id = job.id  # type: ignore[union-attr]
+    job = Job.calling(app, model, sink, method, args)
     broker.submit(job)
     kind, value = await sink.queue.get()
     if kind == "error":

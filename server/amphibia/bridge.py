@@ -115,26 +115,15 @@ def _job(app: AppSpec, models: dict, msg: wire.Message, sink: _Sink) -> Job:
     if not app.allows(model):
         raise InvalidInput(f"app {app.name!r} may not use model {model!r}")
     if isinstance(msg, wire.Assign):
-        try:
-            params = SamplingParams(**{k: (tuple(v) if k == "stop" else v) for k, v in msg.params.items()
-                                       if k in SamplingParams.__dataclass_fields__})
-        except TypeError as exc:
-            raise InvalidInput(f"invalid params: {exc}") from None
-        params.validate(models[model].n_ctx)
+        params = SamplingParams.from_dict(msg.params).validate(models[model].n_ctx)
         if msg.messages is None and not msg.prompt:
             raise InvalidInput("prompt must not be empty")
-        # A page cannot claim text was already generated: resumption is the broker's business.
-        assign = wire.Assign(id="", model=model, params=asdict(params), prompt=msg.prompt, messages=msg.messages)
-        job = Job(app=app, model=model, sink=sink, assign=assign)
-        assign.id = job.id
-        return job
+        # A fresh job: a page cannot claim text was already generated (resumption is the broker's business).
+        return Job.generation(app, model, sink, params, prompt=msg.prompt, messages=msg.messages)
     assert isinstance(msg, wire.Call)
     if msg.method not in ("embed", "tokenize", "detokenize"):
         raise InvalidInput(f"unknown call {msg.method!r}")
-    call = wire.Call(id="", model=model, method=msg.method, args=msg.args)
-    job = Job(app=app, model=model, sink=sink, call=call)
-    call.id = job.id
-    return job
+    return Job.calling(app, model, sink, msg.method, msg.args)
 
 
 async def bridge_socket(websocket: WebSocket) -> None:

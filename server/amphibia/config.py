@@ -161,7 +161,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _limits(base: Limits, table: dict[str, Any] | None, where: str) -> Limits:
     if not table:
         return base
-    return replace(base, **vars(_take(Limits, {**vars(base), **table}, where)))
+    return _take(Limits, {**vars(base), **table}, where)
 
 
 def load_app(path: Path, limits: Limits = Limits(), overrides: dict[str, Any] | None = None) -> AppSpec:

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
 
-from .errors import AmphibiaError, InferenceTimeout, InvalidInput, LLMError
+from .errors import AmphibiaError, InferenceTimeout, InvalidInput, LLMError, ModelNotSupported
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,17 @@ class SamplingParams:
     repeat_last_n: int = 64
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SamplingParams":
+        """From a wire message's `params` (unknown keys ignored); a malformed value is InvalidInput."""
+        values = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        try:
+            if "stop" in values:
+                values["stop"] = tuple(values["stop"])
+            return cls(**values)
+        except TypeError as exc:
+            raise InvalidInput(f"invalid params: {exc}") from None
 
     def validate(self, max_context: int | None = None) -> "SamplingParams":
         def bad(msg: str) -> InvalidInput:
@@ -216,6 +227,4 @@ class TextAssembler:
 
 
 def no_such_model(model: str, known: Sequence[str]) -> LLMError:
-    from .errors import ModelNotSupported
-
     return ModelNotSupported(f"model {model!r} is not served here; models: {', '.join(known) or 'none'}")

@@ -47,6 +47,16 @@ class BadRequest(AmphibiaError):
     type = "bad_request"
 
 
+class Unauthorized(AmphibiaError):
+    status = 401
+    type = "unauthorized"
+
+
+class Forbidden(AmphibiaError):
+    status = 403
+    type = "forbidden"
+
+
 class Busy(AmphibiaError):
     """Every guest thread is taken and the wait queue is full."""
 

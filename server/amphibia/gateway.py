@@ -177,6 +177,12 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": {"type": "internal_error", "message": str(exc)}}, 500)
 
 
+def default_models_of(config: Config) -> list[str]:
+    """The models the configured apps use by default (the first registered one if there are no apps):
+    what a local worker serves and what the in-process engine loads before the first request."""
+    return sorted({a.model for a in config.apps.values()}) or list(config.models)[:1]
+
+
 def create_app(config: Config, engine: Engine | None = None, warm_model: bool = True,
                local_worker_port: int | None = None, config_target: str | None = None) -> Starlette:
     """The ASGI app.
@@ -203,13 +209,12 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
             pool_engine.attach(asyncio.get_running_loop())
             background.append(asyncio.create_task(broker.housekeeping()))
             if local_worker_port and config.pool.local_worker:
-                for model in sorted({a.model for a in config.apps.values()} or set(list(config.models)[:1])):
+                for model in default_models_of(config):
                     workers.append(start_local_worker(local_worker_port, model, config.pool.local_slots, token,
                                                       config_target))
         await asyncio.to_thread(load_apps, gateway)
         if warm_model and hasattr(engine, "warm"):
-            defaults = {a.spec.model for a in gateway.apps.values()} or set(list(config.models)[:1])
-            for model in defaults:
+            for model in default_models_of(config):
                 await asyncio.to_thread(engine.warm, model)
         yield
         for task in background:

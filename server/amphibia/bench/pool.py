@@ -115,7 +115,6 @@ class Outcome:
     ttft: float
     tokens: int
     total: float
-    finished: float
 
 
 async def complete(client: httpx.AsyncClient, server: Server, app: str, max_tokens: int,
@@ -140,7 +139,7 @@ async def complete(client: httpx.AsyncClient, server: Server, app: str, max_toke
                 if ttft is None:
                     ttft = time.perf_counter() - started
     now = time.perf_counter()
-    return Outcome(app, ttft if ttft is not None else now - started, tokens, now - started, now)
+    return Outcome(app, ttft if ttft is not None else now - started, tokens, now - started)
 
 
 def pct(values: list[float], q: float) -> float:

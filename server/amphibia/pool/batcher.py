@@ -46,14 +46,6 @@ class Sequence:
         return self.prefilled < len(self.tokens)
 
 
-def params_from_dict(data: dict) -> SamplingParams:
-    known = SamplingParams.__dataclass_fields__
-    values = {k: v for k, v in data.items() if k in known}
-    if "stop" in values:
-        values["stop"] = tuple(values["stop"])
-    return SamplingParams(**values)
-
-
 @dataclass
 class Batcher:
     model: LlamaModel
@@ -61,7 +53,7 @@ class Batcher:
     # Prompt tokens per tick while other sequences are generating: each costs every running sequence
     # ~3 ms of its tick on 2 CPU cores, so long prefills (and resumed sequences) go in small chunks.
     prefill_budget: int = 32
-    _inbox: queue.Queue[wire.Message | None] = field(default_factory=queue.Queue)
+    _inbox: queue.Queue[Any] = field(default_factory=queue.Queue)  # wire messages, _DROP_ALL, None
     _waiting: deque[wire.Assign] = field(default_factory=deque)
     _active: dict[str, Sequence] = field(default_factory=dict)
     _thread: threading.Thread | None = None
@@ -115,7 +107,7 @@ class Batcher:
             self._waiting.append(message)
         elif isinstance(message, wire.Call):
             self._call(message)
-        elif isinstance(message, _DropAll):
+        elif message is _DROP_ALL:
             self._drop_all()
         elif isinstance(message, (wire.Cancel, wire.Preempt)):
             for i, waiting in enumerate(self._waiting):
@@ -162,7 +154,7 @@ class Batcher:
             self.emit(wire.Started(seq.id, seq.prompt_tokens))
 
     def _sequence(self, assign: wire.Assign, slot: int) -> Sequence:
-        params = params_from_dict(assign.params).validate(self.model.n_ctx)
+        params = SamplingParams.from_dict(assign.params).validate(self.model.n_ctx)
         prompt = assign.prompt
         if assign.messages is not None:
             prompt = chat_template.render(self.model.chat_template, assign.messages, self.model.bos_token,
@@ -264,8 +256,7 @@ class Batcher:
 
     def drop_all(self) -> None:
         """Forget every sequence (the gateway went away and will re-place them). Any thread."""
-        self.submit(_DropAll())
+        self._inbox.put(_DROP_ALL)
 
 
-class _DropAll(wire.Message):
-    type = "_drop_all"
+_DROP_ALL = object()  # an inbox command of the worker's own, not a wire message

@@ -18,11 +18,11 @@ import itertools
 import logging
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
 from ..config import AppSpec, PoolConfig
-from ..engine import Usage
+from ..engine import SamplingParams, Usage
 from ..errors import (AmphibiaError, InferenceTimeout, InvalidInput, LLMError, ModelNotSupported,
                       Overloaded)
 from . import wire
@@ -70,6 +70,19 @@ class Job:
     last_token: float = 0.0
     preemptions: int = 0
 
+    @classmethod
+    def generation(cls, app: AppSpec, model: str, sink: Sink, params: SamplingParams, prompt: str | None = None,
+                   messages: list[dict] | None = None) -> "Job":
+        job = cls(app=app, model=model, sink=sink)
+        job.assign = wire.Assign(id=job.id, model=model, params=asdict(params), prompt=prompt, messages=messages)
+        return job
+
+    @classmethod
+    def calling(cls, app: AppSpec, model: str, sink: Sink, method: str, args: dict) -> "Job":
+        job = cls(app=app, model=model, sink=sink)
+        job.call = wire.Call(id=job.id, model=model, method=method, args=args)
+        return job
+
 
 @dataclass(eq=False)
 class WorkerLink:
@@ -80,7 +93,6 @@ class WorkerLink:
     send: Callable[[wire.Message], None]
     running: dict[str, Job] = field(default_factory=dict)
     calls: dict[str, Job] = field(default_factory=dict)
-    joined: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
 
     @property
@@ -343,7 +355,8 @@ class Broker:
         return {
             "workers": [{
                 "id": w.id, "models": w.models, "slots": w.slots, "device": w.device, "free": w.free,
-                "running": [{"job": j.id, "app": j.app.name, "generated": j.generated} for j in w.running.values()],
+                "running": [{"job": j.id, "app": j.app.name, "generated": j.generated, "preemptions": j.preemptions}
+                            for j in w.running.values()],
             } for w in self.workers.values()],
             "queues": {a: len(q) for a, q in self.queues.items() if q},
             "service": {a: round(s, 1) for a, s in self.service.items()},

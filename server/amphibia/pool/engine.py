@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
+from ..chat_template import validate_messages
 from ..config import AppSpec, ModelSpec
 from ..engine import GenerateRequest, TokenStream, Usage, no_such_model
 from ..errors import AmphibiaError, InferenceTimeout
 from ..host.context import current
-from . import wire
 from .broker import Broker, Job
 
 
@@ -91,14 +90,10 @@ class PoolEngine:
     def generate(self, request: GenerateRequest, timeout_s: float = 120.0) -> TokenStream:
         request.params.validate(self.context_size(request.model))
         if request.messages is not None:
-            from ..chat_template import validate_messages
-
             validate_messages(request.messages)
         stream = TokenStream(timeout_s)
-        assign = wire.Assign(id="", model=request.model, params=asdict(request.params), prompt=request.prompt,
-                             messages=list(request.messages) if request.messages is not None else None)
-        job = Job(app=self._app(), model=request.model, sink=StreamSink(stream), assign=assign)
-        assign.id = job.id
+        messages = list(request.messages) if request.messages is not None else None
+        job = Job.generation(self._app(), request.model, StreamSink(stream), request.params, request.prompt, messages)
         self._on_loop(lambda: self.broker.submit(job))  # raises Overloaded here, in the caller's thread
         stream.on_cancel = lambda: self.loop.call_soon_threadsafe(self.broker.cancel, job.id)
         return stream
@@ -107,8 +102,7 @@ class PoolEngine:
         if model not in self.models:
             raise no_such_model(model, list(self.models))
         sink = FutureSink()
-        job = Job(app=self._app(), model=model, sink=sink, call=wire.Call(id="", model=model, method=method, args=args))
-        job.call.id = job.id  # type: ignore[union-attr]
+        job = Job.calling(self._app(), model, sink, method, args)
         self._on_loop(lambda: self.broker.submit(job))
         try:
             return sink.future.result(timeout_s)

@@ -151,6 +151,7 @@ MESSAGES: dict[str, type[Message]] = {
     for cls in (Hello, Heartbeat, Started, Token, Done, Preempted, Result, Failed, Welcome, Assign, Call, Cancel,
                 Preempt)
 }
+_FIELDS = {cls: {f.name: f for f in fields(cls)} for cls in MESSAGES.values()}  # decode runs per token
 _TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict, "list[str]": list,
           "list[dict] | None": (list, type(None)), "str | None": (str, type(None)), "Any": object}
 
@@ -169,7 +170,7 @@ def decode(frame: str | bytes, allowed: tuple[type[Message], ...] | None = None)
     cls = MESSAGES.get(data.pop("type"))
     if cls is None or (allowed is not None and cls not in allowed):
         raise ProtocolError(f"unexpected message type {frame[:60]!r}")
-    known = {f.name: f for f in fields(cls)}
+    known = _FIELDS[cls]
     unknown = set(data) - set(known)
     if unknown:
         raise ProtocolError(f"{cls.type}: unknown field(s) {', '.join(sorted(unknown))}")
