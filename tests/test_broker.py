@@ -181,3 +181,24 @@ def test_tokens_per_minute_limit() -> None:
         broker.submit(job(metered))
     assert 0 < info.value.retry_after_ms <= 60_000
     broker.submit(job(app("unmetered")))  # other apps are not affected
+
+
+def test_heartbeats_reconcile_stale_sequences_and_lost_assignments() -> None:
+    broker = Broker(PoolConfig(heartbeat_s=0.0))  # no grace: every heartbeat counts
+    link, sent = worker(broker, slots=1)
+    stranded = job(app("x"))
+    broker.submit(stranded)
+    assert stranded.worker is link
+    # The worker holds a sequence the broker never gave it (or already took back): cancel it.
+    broker.on_message(link, wire.Heartbeat(running=2, free_slots=0, jobs=[stranded.id, "ghost"]))
+    assert [m.id for m in sent if isinstance(m, wire.Cancel)] == ["ghost"]
+    # The worker never got `stranded` (a lost message): one missed heartbeat is not enough, two are,
+    # and then the job is placed again (here on the same, only worker).
+    broker.on_message(link, wire.Heartbeat(running=0, free_slots=1, jobs=[]))
+    assert [m.id for m in sent if isinstance(m, wire.Assign)] == [stranded.id]
+    broker.on_message(link, wire.Heartbeat(running=0, free_slots=1, jobs=[]))
+    assert [m.id for m in sent if isinstance(m, wire.Assign)] == [stranded.id, stranded.id]
+    assert [e["event"] for e in broker.timeline] == ["start", "lost", "start"]
+    generate(broker, link, stranded, 2)
+    broker.on_message(link, wire.Done(stranded.id, 10, 2, "stop"))
+    assert stranded.sink.text == "xx" and stranded.sink.usage == Usage(10, 2)

@@ -57,6 +57,9 @@ class Batcher:
     _waiting: deque[wire.Assign] = field(default_factory=deque)
     _active: dict[str, Sequence] = field(default_factory=dict)
     _thread: threading.Thread | None = None
+    # The ids this batcher holds, republished (one reference swap, atomic under the GIL) after every
+    # round of messages, for heartbeats read on the network thread.
+    held: tuple[str, ...] = ()
 
     @property
     def slots(self) -> int:
@@ -94,6 +97,7 @@ class Batcher:
             except queue.Empty:
                 pass
             self._admit()
+            self.held = (*self._active, *(a.id for a in self._waiting))
             if self._active:
                 try:
                     self._tick()

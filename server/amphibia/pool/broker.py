@@ -69,6 +69,8 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     last_token: float = 0.0
     preemptions: int = 0
+    assigned_at: float = 0.0
+    missed: int = 0  # consecutive heartbeats of its worker that did not list it
 
     @classmethod
     def generation(cls, app: AppSpec, model: str, sink: Sink, params: SamplingParams, prompt: str | None = None,
@@ -195,6 +197,7 @@ class Broker:
     def _start(self, job: Job, worker: WorkerLink) -> None:
         assert job.assign is not None
         job.worker, job.slice_start, job.preempting = worker, job.generated, False
+        job.assigned_at, job.missed = time.monotonic(), 0
         worker.running[job.id] = job
         job.assign.resume_text, job.assign.resume_tokens = job.text, job.generated
         if not job.started:
@@ -270,6 +273,8 @@ class Broker:
 
     def on_message(self, worker: WorkerLink, msg: wire.Message) -> None:
         worker.last_seen = time.monotonic()
+        if isinstance(msg, wire.Heartbeat):
+            return self._reconcile(worker, msg)
         job_id = getattr(msg, "id", None)
         job = self.jobs.get(job_id) if job_id else None
         if job is not None and job.worker is not worker:
@@ -314,6 +319,31 @@ class Broker:
         elif isinstance(msg, wire.Result):
             self._finish(job)
             job.sink.result(msg.value)
+
+    def _reconcile(self, worker: WorkerLink, beat: wire.Heartbeat) -> None:
+        """Make the worker's view and ours agree, so no slot and no request is stranded by a lost
+        message. A sequence the worker holds that we did not give it is cancelled (Cancel is
+        idempotent, and any later Assign of that id goes out after it). A job we gave it that is
+        missing from two heartbeats in a row, well after it was sent (a Done or Preempted may
+        still be on its way behind one heartbeat), is resumed elsewhere like a lost worker's."""
+        held = set(beat.jobs)
+        for job_id in held - worker.running.keys():
+            worker.send(wire.Cancel(job_id))
+        grace = 3 * self.config.heartbeat_s
+        now = time.monotonic()
+        for job in list(worker.running.values()):
+            if job.id in held or now - job.assigned_at < grace:
+                job.missed = 0
+                continue
+            job.missed += 1
+            if job.missed < 2 or job.preempting:
+                continue
+            log.warning("worker %s lost job %s (app %s); resuming it", worker.id, job.id, job.app.name)
+            worker.running.pop(job.id)
+            job.worker = None
+            self._event(job, "lost")
+            self.queues[job.app.name].appendleft(job)
+        self._dispatch()
 
     def _finish(self, job: Job) -> None:
         self.jobs.pop(job.id, None)

@@ -45,9 +45,13 @@ class Hello(Message):
 
 @dataclass
 class Heartbeat(Message):
+    """Liveness, load, and the ids of every generation the worker holds (running or waiting), so
+    the broker can reconcile: re-place what the worker does not know and cancel what it should not hold."""
+
     type: ClassVar[str] = "heartbeat"
     running: int
     free_slots: int
+    jobs: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -108,7 +108,7 @@ async def _session(ws: websockets.ClientConnection, batcher: Batcher, outbox: as
         while True:
             await asyncio.sleep(heartbeat_s)
             running, free = batcher.load()
-            await outbox.put(wire.Heartbeat(running=running, free_slots=free))
+            await outbox.put(wire.Heartbeat(running=running, free_slots=free, jobs=list(batcher.held)))
 
     async def receive() -> None:
         async for frame in ws:
