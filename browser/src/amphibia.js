@@ -4,28 +4,42 @@
 //   const app = await load("/apps/chat/");
 //   const res = await app.handle({ method: "POST", path: "/", body: "Hi" });
 //
-// Only the remote engine exists so far: every llm call goes over the gateway's /bridge WebSocket.
+// Its llm calls run on this device (wllama) when it can, else on the gateway's pool over the
+// /bridge WebSocket; events "engine" and "fallback" say which and why, "token" streams text.
 
 export async function load(appUrl, options = {}) {
   const url = new URL(appUrl, location.href);
   const name = url.pathname.split("/").filter(Boolean)[1];
   if (!name) throw new Error(`not an app URL: ${appUrl}`);
   const gateway = url.origin;
-  const apps = await (await fetch(`${gateway}/api/apps`)).json();
-  const info = apps.apps.find((a) => a.name === name);
+  const listing = await (await fetch(`${gateway}/api/apps`)).json();
+  const info = listing.apps.find((a) => a.name === name);
   if (!info) throw new Error(`no app named ${name} at ${gateway}`);
   if (!info.browser) throw new Error(`app ${name} has no browser build`);
-  const grant = await fetch(`${gateway}/bridge/token?app=${encodeURIComponent(name)}`);
-  if (!grant.ok) throw new Error(`bridge token refused: ${grant.status} ${await grant.text()}`);
-  const { token } = await grant.json();
+  const abs = (path) => new URL(path, gateway).href;
   const app = new App(name, {
-    base: new URL(info.browser, gateway).href,
-    bridge: `${gateway.replace(/^http/, "ws")}/bridge?token=${encodeURIComponent(token)}`,
-    shim: new URL("/amphibia/shim/index.js", gateway).href,
-    ...options,
+    app: name,
+    gateway,
+    base: abs(info.browser),
+    shim: abs("/amphibia/shim/index.js"),
+    wllamaWasm: abs("/amphibia/wllama/wasm/wllama.wasm"),
+    // The app's policy (its app.toml), unless the page says otherwise: local | remote | auto | echo.
+    engine: options.engine ?? info.engine ?? "auto",
+    localModel: info.local_model ? { ...info.local_model, url: abs(info.local_model.url) } : null,
+    maxLocalModelBytes: options.maxLocalModelBytes ?? listing.max_local_model_bytes,
+    forceLocalUnavailable: options.forceLocalUnavailable ?? null,
   });
   await app.ready;
   return app;
+}
+
+/** A module Worker from the runtime's own origin, also when the page is on another origin
+ * (a Worker's script must be same-origin: a tiny blob module imports the real one). */
+function startWorker() {
+  const url = new URL("./worker.js", import.meta.url);
+  if (url.origin === location.origin) return new Worker(url, { type: "module" });
+  const blob = new Blob([`import ${JSON.stringify(url.href)};`], { type: "text/javascript" });
+  return new Worker(URL.createObjectURL(blob), { type: "module" });
 }
 
 class App extends EventTarget {
@@ -43,9 +57,10 @@ class App extends EventTarget {
   #nextId = 1;
 
   async #start() {
-    this.#worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+    this.#worker = startWorker();
     this.#worker.onmessage = ({ data }) => {
-      if (data.event) { // "engine" (which engine answers, and why) and "token" (text as it streams)
+      if (data.event) { // "engine" (which engine answers, and why), "fallback", "token" (streamed text)
+        if (data.event === "engine") { this.engine = data.detail.engine; this.reason = data.detail.reason; }
         this.dispatchEvent(new CustomEvent(data.event, { detail: data.detail }));
         return;
       }
@@ -62,6 +77,24 @@ class App extends EventTarget {
     const info = await this.#rpc("init", this.#config);
     this.engine = info.engine;
     this.reason = info.reason;
+    this.crossOriginIsolated = info.crossOriginIsolated;
+    /** Resolves with the engine decision once the local model is loaded, or known to be unavailable. */
+    this.localReady = this.#rpc("localReady");
+  }
+
+  /** Override the app's policy from the page ("remote" stops a local engine; its answers in flight finish remotely). */
+  useEngine(policy) {
+    return this.#rpc("useEngine", policy);
+  }
+
+  /** Stop the local engine now (frees its memory); generations in flight finish on the bridge. */
+  stopLocal(reason) {
+    return this.#rpc("stopLocal", reason);
+  }
+
+  /** Drop the bridge connection as a network failure would; requests in flight resume on a new one. */
+  dropBridge() {
+    return this.#rpc("dropBridge");
   }
 
   #rpc(op, args) {
@@ -113,11 +146,15 @@ class AmphibiaAppElement extends HTMLElement {
       <pre part="output"></pre>
       <div class="status" part="status">loading…</div>`;
     const [input, send, output, status] = ["textarea", "button", "pre", ".status"].map((q) => root.querySelector(q));
-    load(this.getAttribute("src")).then((app) => {
+    const options = this.getAttribute("engine") ? { engine: this.getAttribute("engine") } : {};
+    load(this.getAttribute("src"), options).then((app) => {
       this.#app = app;
-      status.textContent = `engine: ${app.engine} (${app.reason})`;
+      const showEngine = () => { status.textContent = `engine: ${app.engine} (${app.reason})`; };
+      showEngine();
       send.disabled = false;
       let tokens = 0;
+      app.addEventListener("engine", () => { if (!send.disabled) showEngine(); });
+      app.addEventListener("fallback", (e) => { output.textContent += ` [${e.detail.from} failed: finishing on ${e.detail.to}] `; });
       app.addEventListener("token", (e) => { tokens += 1; output.textContent += e.detail.text; });
       send.onclick = async () => {
         send.disabled = true;

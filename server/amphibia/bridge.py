@@ -118,8 +118,13 @@ def _job(app: AppSpec, models: dict, msg: wire.Message, sink: _Sink) -> Job:
         params = SamplingParams.from_dict(msg.params).validate(models[model].n_ctx)
         if msg.messages is None and not msg.prompt:
             raise InvalidInput("prompt must not be empty")
-        # A fresh job: a page cannot claim text was already generated (resumption is the broker's business).
-        return Job.generation(app, model, sink, params, prompt=msg.prompt, messages=msg.messages)
+        job = Job.generation(app, model, sink, params, prompt=msg.prompt, messages=msg.messages)
+        # A page whose local engine failed mid-answer finishes it here: the worker continues after
+        # `resume_text` (prefilled like prompt, within the model's context) and sends only new text.
+        # Claimed `resume_tokens` only count against the request's own max_tokens.
+        job.text = msg.resume_text
+        job.generated = max(0, min(msg.resume_tokens, params.max_tokens))
+        return job
     assert isinstance(msg, wire.Call)
     if msg.method not in ("embed", "tokenize", "detokenize"):
         raise InvalidInput(f"unknown call {msg.method!r}")

@@ -48,7 +48,6 @@ async def browser_file(request: Request) -> Response:
         "etag": etag,
         "cache-control": "public, max-age=31536000, immutable" if version else "no-cache",
         "vary": "accept-encoding",
-        "cross-origin-resource-policy": "cross-origin",  # pages on other origins embed apps
     }
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
@@ -64,3 +63,34 @@ async def browser_file(request: Request) -> Response:
     else:
         body = await asyncio.to_thread(file.read_bytes)
     return Response(body, media_type=media_type, headers=headers)
+
+
+PUBLIC_PREFIXES = ("/amphibia/", "/api/apps")
+
+
+class PublicAssets:
+    """ASGI middleware: the in-page runtime, app builds and the app list may be loaded by pages on
+    any origin (`examples/embed.html`), so they carry `Access-Control-Allow-Origin: *` and a
+    cross-origin resource policy. They are public, credential-free files; what needs a guard (the
+    bridge) checks origins itself."""
+
+    def __init__(self, app) -> None:  # type: ignore[no-untyped-def]
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path.startswith(PUBLIC_PREFIXES) or "/browser/" in path):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_public(message) -> None:  # type: ignore[no-untyped-def]
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", [])
+                           if k.lower() not in (b"access-control-allow-origin", b"cross-origin-resource-policy")]
+                headers += [(b"access-control-allow-origin", b"*"), (b"cross-origin-resource-policy", b"cross-origin")]
+                if path.endswith(".js"):  # a Worker started by a cross-origin isolated page must opt in too
+                    headers.append((b"cross-origin-embedder-policy", b"require-corp"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_public)

@@ -31,6 +31,9 @@ class Limits:
     max_queue_wait_s: float = 60.0
 
 
+BROWSER_ENGINES = ("auto", "local", "remote")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -42,6 +45,9 @@ class ModelSpec:
     gpu_layers: int = 0
     threads: int = 2
     description: str = ""
+    # Pages may download the GGUF (at /models/NAME.gguf) to run it on the visitor's device.
+    # Set false for a model that must not leave the server; browsers then always use the bridge.
+    browser: bool = True
 
     def gguf_path(self) -> Path:
         if self.path is not None:
@@ -73,6 +79,9 @@ class AppSpec:
     files: tuple[str, ...] = ()
     # Share of the pool relative to other apps (fair queueing divides service by it).
     weight: float = 1.0
+    # Where this app's LLM calls run when it runs in a browser: "local" (on the device, wllama),
+    # "remote" (the pool, over the bridge) or "auto" (local when the device can). Pages may override.
+    browser_engine: str = "auto"
 
     def allows(self, model: str) -> bool:
         return model == self.model or model in self.allowed_models
@@ -92,6 +101,8 @@ class ServerConfig:
     # "https://example.com"; "*" allows any.
     allowed_origins: tuple[str, ...] = ()
     bridge_token_ttl_s: float = 600.0
+    # `auto` runs a model in the browser only if its GGUF is at most this big.
+    browser_max_model_mb: float = 512.0
 
 
 @dataclass(frozen=True)
@@ -180,6 +191,9 @@ def load_app(path: Path, limits: Limits = Limits(), overrides: dict[str, Any] | 
     app_limits = _limits(limits, table.pop("limits", None), f"app {name} [limits]")
     table["allowed_models"] = tuple(table.get("allowed_models", ()))
     table["files"] = tuple(table.get("files", ()))
+    if table.get("browser_engine", "auto") not in BROWSER_ENGINES:
+        raise ConfigError(f"app {name}: browser_engine must be one of {', '.join(BROWSER_ENGINES)}, "
+                          f"not {table['browser_engine']!r}")
     for folder in table["files"]:
         target = (path / folder).resolve()
         if not target.is_dir() or not target.is_relative_to(path):

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator
 import jinja2
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -25,12 +26,13 @@ from starlette.staticfiles import StaticFiles
 
 from . import api
 from .bridge import bridge_socket, token_endpoint
-from .browser_files import browser_file, version_of
+from .browser_files import PublicAssets, browser_file, version_of
 from .build import BROWSER_DIR, build
 from .config import AppSpec, Config
 from .engine import Engine
 from .errors import AmphibiaError, AppNotFound, BadRequest, error_response
 from .host.llm import LlmHost
+from .model_files import browser_model, model_file
 from .pool.broker import Broker
 from .pool.engine import PoolEngine
 from .pool.local import start_local_worker
@@ -85,6 +87,8 @@ async def app_route(request: Request) -> Response:
     name = request.path_params["name"]
     rid = request.headers.get("x-request-id", "")
     rid = rid if REQUEST_ID.match(rid) else uuid.uuid4().hex[:12]
+    if _is_page_visit(request) and name in gateway.apps:
+        return await app_page(request)
     try:
         app = gateway.apps.get(name)
         if app is None:
@@ -109,6 +113,29 @@ async def app_route(request: Request) -> Response:
         response.headers.append(key, value)
     response.headers["x-request-id"] = rid
     return response
+
+
+def _is_page_visit(request: Request) -> bool:
+    """A person opening `/apps/NAME/` in a browser gets the app's page; curl, fetch() and forms
+    (anything but a top-level navigation asking for HTML) reach the app's own `/` route."""
+    return (request.method == "GET" and request.path_params.get("path", "") == ""
+            and request.headers.get("sec-fetch-mode") == "navigate" and "text/html" in request.headers.get("accept", ""))
+
+
+# Cross-origin isolation lets the page's workers share memory: wllama runs multi-threaded, and
+# a browser without JSPI can run the guest's sync build with SharedArrayBuffer + Atomics.
+ISOLATION_HEADERS = {"cross-origin-opener-policy": "same-origin", "cross-origin-embedder-policy": "require-corp"}
+
+
+async def app_page(request: Request) -> Response:
+    """`/apps/NAME/browser/` (and a browser's visit to `/apps/NAME/`): the app running in the page."""
+    gateway: Gateway = request.app.state.gateway
+    name = request.path_params["name"]
+    app = gateway.apps.get(name)
+    if app is None:
+        return error_response(AppNotFound(f"no app named {name!r}"))
+    page = _pages.get_template("app.html").render(app=app.spec, browser=bool(app.manifest.get("browser")))
+    return HTMLResponse(page, headers={**ISOLATION_HEADERS, "cache-control": "no-cache"})
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -161,9 +188,12 @@ async def list_apps(request: Request) -> Response:
         {"name": a.spec.name, "description": a.spec.description, "model": a.spec.model,
          "allowed_models": list(a.spec.allowed_models), "url": f"/apps/{a.spec.name}/",
          "wasm_sha256": a.manifest.get("wasm_sha256"),
-         "browser": f"/apps/{a.spec.name}/browser/@{version_of(a.manifest)}/" if a.manifest.get("browser") else None}
+         "browser": f"/apps/{a.spec.name}/browser/@{version_of(a.manifest)}/" if a.manifest.get("browser") else None,
+         "page": f"/apps/{a.spec.name}/browser/",
+         "engine": a.spec.browser_engine,
+         "local_model": browser_model(gateway.config, a.spec.model)}
         for a in gateway.apps.values()
-    ]})
+    ], "max_local_model_bytes": int(gateway.config.server.browser_max_model_mb * 1e6)})
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -230,6 +260,7 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
             Route("/healthz", healthz),
             Route("/api/apps", list_apps),
             Route("/apps/{name}", app_root, methods=METHODS),
+            Route("/apps/{name}/browser/", app_page),
             Route("/apps/{name}/browser/{path:path}", browser_file, methods=["GET", "HEAD"]),
             Route("/apps/{name}/{path:path}", app_route, methods=METHODS),
             WebSocketRoute("/pool", worker_socket),
@@ -237,13 +268,18 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
             Route("/bridge/token", token_endpoint),
             Route("/pool", pool_status),
             Route("/metrics", metrics),
+            Route("/models/@{version}/{name}.gguf", model_file, methods=["GET", "HEAD"]),
+            Route("/models/{name}.gguf", model_file, methods=["GET", "HEAD"]),
             # The in-page runtime and the WASI shim it hands to guests (from browser/, see browser/README.md).
+            Mount("/amphibia/wllama", StaticFiles(directory=BROWSER_DIR / "node_modules/@wllama/wllama/esm",
+                                                  check_dir=False)),
             Mount("/amphibia/shim", StaticFiles(directory=BROWSER_DIR / "node_modules/@bytecodealliance/preview2-shim/dist/browser",
                                                 check_dir=False)),
             Mount("/amphibia", StaticFiles(directory=BROWSER_DIR / "src", html=True, check_dir=False)),
             *api.routes,
         ],
         exception_handlers={HTTPException: http_error, Exception: server_error},
+        middleware=[Middleware(PublicAssets)],
         lifespan=lifespan,
     )
     app.state.gateway = gateway
