@@ -44,7 +44,7 @@ def config() -> Config:
     server = replace(ServerConfig(), cache_dir=CACHE, guest_threads=6, queue_limit=16)
     models = default_models()
     # A second registered model that no test app is allowed to use.
-    models["other"] = replace(models["smollm2"], name="other")
+    models["other"] = replace(models["smollm2"], name="other", browser=False)  # never sent to pages
     return Config(server=server, models=models, apps=apps, root=ROOT)
 
 
@@ -84,6 +84,7 @@ FRANCE = [{"role": "system", "content": "You are a helpful AI assistant named Sm
 class Pool:
     def __init__(self, url: str, port: int, app=None) -> None:
         self.url, self.port, self.app = url, port, app
+        self.third_party_url = ""
         self.workers: dict[str, subprocess.Popen] = {}
 
     def start_worker(self, worker_id: str, slots: int = 2) -> None:
@@ -113,7 +114,13 @@ def pool() -> Iterator[Pool]:
 
     apps = {**discover_apps(EXAMPLES), **discover_apps(TEST_APPS)}
     apps["limited"] = replace(apps["misbehave"], name="limited", limits=Limits(max_concurrent=2, timeout_s=5))
-    config = Config(server=replace(ServerConfig(), cache_dir=CACHE), models=default_models(), apps=apps,
+    # A plain "third-party" web server on another origin, serving examples/embed.html.
+    third_party_port = free_port()
+    third_party = subprocess.Popen([sys.executable, "-m", "http.server", str(third_party_port), "--bind", "127.0.0.1",
+                                    "--directory", str(EXAMPLES)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    third_party_url = f"http://127.0.0.1:{third_party_port}"
+    server = replace(ServerConfig(), cache_dir=CACHE, allowed_origins=(third_party_url,))
+    config = Config(server=server, models=default_models(), apps=apps,
                     pool=PoolConfig(token=TOKEN, quantum_tokens=16), api_keys=KEYS, root=ROOT)
     port = free_port()
     asgi = create_app(config)
@@ -124,6 +131,7 @@ def pool() -> Iterator[Pool]:
         assert thread.is_alive()
         time.sleep(0.1)
     p = Pool(f"http://127.0.0.1:{port}", port, asgi)
+    p.third_party_url = third_party_url
     p.start_worker("wA")
     p.start_worker("wB")
     p.wait_for(lambda s: len(s["workers"]) == 2, "two workers")
@@ -132,6 +140,7 @@ def pool() -> Iterator[Pool]:
         proc.terminate()
     for proc in p.workers.values():
         proc.wait(10)
+    third_party.terminate()
     srv.should_exit = True
     thread.join(10)
 

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import httpx
 import pytest
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Browser, Page, sync_playwright
 
 from conftest import FRANCE, Pool
 
@@ -18,21 +18,27 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @pytest.fixture(scope="module")  # Playwright's sync API keeps an event loop running until it exits
-def page(pool: Pool) -> Iterator[Page]:
+def browser(pool: Pool) -> Iterator[Browser]:
     executable = shutil.which("chromium") or "/usr/bin/chromium"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.goto(f"{pool.url}/amphibia/")
-        yield page
+        yield browser
         browser.close()
 
 
-def run(page: Page, app: str, requests: list[dict]) -> list[dict]:
+@pytest.fixture(scope="module")
+def page(browser: Browser, pool: Pool) -> Iterator[Page]:
+    page = browser.new_page()
+    page.goto(f"{pool.url}/amphibia/")
+    yield page
+    page.close()
+
+
+def run(page: Page, app: str, requests: list[dict], engine: str = "remote") -> list[dict]:
     """Load `app` in the page and send it `requests`; each result is {status, body} or {error}."""
-    return page.evaluate("""async ([app, requests]) => {
+    return page.evaluate("""async ([app, requests, engine]) => {
         const { load } = await import("/amphibia/amphibia.js");
-        const loaded = await load(`/apps/${app}/`);
+        const loaded = await load(`/apps/${app}/`, { engine });
         const out = [];
         for (const req of requests) {
             try {
@@ -44,7 +50,7 @@ def run(page: Page, app: str, requests: list[dict]) -> list[dict]:
         }
         loaded.close();
         return out;
-    }""", [app, requests])
+    }""", [app, requests, engine])
 
 
 def test_chat_in_the_browser_answers_like_the_server(page: Page, pool: Pool) -> None:
@@ -88,7 +94,7 @@ def test_llm_errors_and_a_trapped_guest_in_the_browser(page: Page) -> None:
 def test_the_amphibia_app_element(page: Page) -> None:
     page.evaluate("""async () => {
         await import("/amphibia/amphibia.js");
-        document.body.innerHTML = '<amphibia-app id="chat" src="/apps/chat/"></amphibia-app>';
+        document.body.innerHTML = '<amphibia-app id="chat" src="/apps/chat/" engine="remote"></amphibia-app>';
     }""")
     status = page.locator("#chat").locator(".status")
     status.filter(has_text="engine: remote").wait_for(timeout=30_000)
@@ -99,3 +105,106 @@ def test_the_amphibia_app_element(page: Page) -> None:
     assert answer.strip() and "failed" not in answer  # the chat app samples at 0.8: any real answer
     text = status.inner_text()
     assert " 200 " in text and int(re.search(r"(\d+) tokens ", text).group(1)) > 0, text
+
+
+CHAT = {"method": "POST", "headers": {"content-type": "application/json"}}
+STORY = [{"role": "user", "content": "Write a short story about a frog."}]
+
+
+def test_local_engine_runs_the_model_in_the_page_and_a_second_visit_downloads_nothing(browser: Browser,
+                                                                                         pool: Pool) -> None:
+    context = browser.new_context()  # its own OPFS: the first visit must download the model
+    model_requests: list[str] = []
+    context.on("request", lambda r: "/models/" in r.url and model_requests.append(r.method))
+    script = """async (body) => {
+        const { load } = await import("/amphibia/amphibia.js");
+        const app = await load("/apps/chat/", { engine: "local" });
+        const decision = await app.localReady;
+        const res = await app.handle({ method: "POST", path: "/", headers: {"content-type": "application/json"}, body });
+        app.close();
+        return { decision, status: res.status, body: res.text() };
+    }"""
+    body = json.dumps({"messages": FRANCE, "temperature": 0, "max_tokens": 32})
+    visits = []
+    for _ in range(2):
+        page = context.new_page()
+        page.goto(f"{pool.url}/apps/chat/browser/")  # the app's own page: cross-origin isolated
+        assert page.evaluate("crossOriginIsolated")
+        visits.append(page.evaluate(script, body))
+        page.close()
+    first, second = visits
+    for visit in visits:
+        assert visit["decision"]["engine"] == "local", visit
+        assert visit["status"] == 200, visit
+        assert "Paris" in json.loads(visit["body"])["reply"]  # llama.cpp in Wasm, the same model
+    assert first["decision"]["load"]["downloadedBytes"] > 90e6 and "downloaded 98" in first["decision"]["reason"]
+    assert model_requests.count("GET") == 1, model_requests  # the first visit's; the second used OPFS
+    assert second["decision"]["load"]["downloadedBytes"] == 0
+    assert "from the browser's cache" in second["decision"]["reason"]
+    assert second["decision"]["load"]["threads"] > 1  # isolated page: wllama runs multi-threaded
+    context.close()
+
+
+def test_auto_uses_remote_when_local_is_unavailable(page: Page, pool: Pool) -> None:
+    payload = {"messages": FRANCE, "temperature": 0, "max_tokens": 32}
+    server = httpx.post(f"{pool.url}/apps/chat/", json=payload, timeout=60).json()
+    out = page.evaluate("""async (body) => {
+        const { load } = await import("/amphibia/amphibia.js");
+        const small = await load("/apps/chat/", { engine: "auto", maxLocalModelBytes: 1e6 });
+        const forced = await load("/apps/chat/", { engine: "auto", forceLocalUnavailable: "test" });
+        const decisions = [await small.localReady, await forced.localReady];
+        const res = await small.handle({ method: "POST", path: "/", headers: {"content-type": "application/json"}, body });
+        small.close(); forced.close();
+        return { decisions, status: res.status, body: res.text() };
+    }""", json.dumps(payload))
+    small, forced = out["decisions"]
+    assert small["engine"] == "remote" and "over the 1 MB limit" in small["reason"], small
+    assert forced["engine"] == "remote" and "forced it off" in forced["reason"], forced
+    assert out["status"] == 200 and json.loads(out["body"]) == server
+
+
+def test_killing_local_mid_answer_finishes_remotely_and_a_dropped_bridge_resumes(page: Page, pool: Pool) -> None:
+    body = json.dumps({"messages": STORY, "temperature": 0, "max_tokens": 40})
+    out = page.evaluate("""async (body) => {
+        const { load } = await import("/amphibia/amphibia.js");
+        const app = await load("/apps/chat/", { engine: "auto" });
+        const engines = [app.engine, (await app.localReady).engine];
+        const fallbacks = [];
+        app.addEventListener("fallback", (e) => fallbacks.push(e.detail));
+        let tokens = 0, stopAt = 4, action = () => app.stopLocal("killed by the test");
+        app.addEventListener("token", () => { tokens += 1; if (tokens === stopAt) action(); });
+        const request = { method: "POST", path: "/stream", headers: {"content-type": "application/json"}, body };
+        const rescued = await app.handle(request);
+        engines.push(app.engine);
+        tokens = 0; stopAt = 3; action = () => app.dropBridge();
+        const resumed = await app.handle(request);
+        app.close();
+        return { engines, fallbacks, rescued: rescued.text(), resumed: resumed.text() };
+    }""", body)
+    assert out["engines"] == ["remote", "local", "remote"], out
+    [fallback] = out["fallbacks"]
+    assert fallback["from"] == "local" and fallback["to"] == "remote" and fallback["resumed_chars"] > 0
+    remote = httpx.post(f"{pool.url}/apps/chat/stream", json=json.loads(body), timeout=60).json()
+    # Greedy local text plus its remote continuation is the remote answer; so is one that survived
+    # a dropped bridge connection.
+    assert json.loads(out["rescued"])["reply"] == remote["reply"]
+    assert json.loads(out["resumed"]) == remote
+
+
+def test_app_page_and_embedding_from_another_origin(browser: Browser, pool: Pool) -> None:
+    page = browser.new_page()
+    response = page.goto(f"{pool.url}/apps/chat/")  # a person's visit gets the page, curl gets the app
+    assert response.headers["cross-origin-embedder-policy"] == "require-corp"
+    assert page.locator("h1").inner_text() == "chat" and page.locator("amphibia-app").count() == 1
+    page.close()
+    third_party = pool.third_party_url
+    page = browser.new_page()
+    page.goto(f"{third_party}/embed.html?gateway={pool.url}&app=chat&engine=remote")
+    status = page.locator("amphibia-app").locator(".status")
+    status.filter(has_text="engine: remote").wait_for(timeout=30_000)
+    page.locator("amphibia-app").locator("textarea").fill("What is the capital of France? Answer in two sentences.")
+    page.locator("amphibia-app").locator("button").click()
+    status.filter(has_text="tokens/s").wait_for(timeout=60_000)
+    assert page.locator("amphibia-app").locator("pre").inner_text().strip()
+    assert page.evaluate("location.origin") == third_party and third_party != pool.url
+    page.close()

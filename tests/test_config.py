@@ -56,6 +56,7 @@ def test_app_toml_and_amphibia_toml(tmp_path: Path) -> None:
     ("[apps.x]\nmodel = 'smollm2'\n", "needs a `path`"),
     ("[apps.x]\npath = 'apps/hello'\nmodel = 'gpt'\n", "no \\[models.gpt\\]"),
     ("[server\n", "amphibia.toml"),
+    ("[apps.x]\npath = 'apps/hello'\nbrowser_engine = 'gpu'\n", "browser_engine must be one of auto, local, remote"),
 ])
 def test_config_errors_are_clear(tmp_path: Path, toml: str, message: str) -> None:
     write_app(tmp_path / "apps" / "hello")

@@ -205,3 +205,43 @@ def test_browser_build_is_served_with_caching_headers(http: httpx.Client) -> Non
     for bad in ("/apps/chat/browser/@0000000000000000/app.js", base + "../app.wasm", base + "nope.js",
                 "/apps/nope/browser/app.js"):
         assert http.get(bad).status_code == 404, bad
+
+
+def test_models_are_served_to_pages_with_ranges_and_versions(http: httpx.Client) -> None:
+    listing = http.get("/api/apps")
+    assert listing.headers["access-control-allow-origin"] == "*"  # pages on other origins list apps too
+    body = listing.json()
+    chat = {a["name"]: a for a in body["apps"]}["chat"]
+    assert chat["engine"] == "auto" and chat["page"] == "/apps/chat/browser/"
+    model = chat["local_model"]
+    assert model["name"] == "smollm2" and model["bytes"] > 90e6 and body["max_local_model_bytes"] == 512e6
+    versioned = model["url"]
+    assert versioned.startswith("/models/@") and versioned.endswith("/smollm2.gguf")
+    part = http.get(versioned, headers={"range": "bytes=0-3"})
+    assert part.status_code == 206 and part.content == b"GGUF"
+    assert part.headers["content-range"] == f"bytes 0-3/{model['bytes']}"
+    assert part.headers["cache-control"] == "public, max-age=31536000, immutable"
+    head = http.head("/models/smollm2.gguf")
+    assert head.status_code == 200 and int(head.headers["content-length"]) == model["bytes"]
+    assert head.headers["cache-control"] == "no-cache" and head.headers["accept-ranges"] == "bytes"
+    assert http.get("/models/smollm2.gguf", headers={"if-none-match": head.headers["etag"]}).status_code == 304
+    for gone in ("/models/@0000000000000000/smollm2.gguf", "/models/gpt-17.gguf", "/models/other.gguf"):
+        res = http.get(gone, headers={"range": "bytes=0-3"})
+        assert res.status_code == 404 and error_of(res)["type"] == "not_found", gone
+
+
+def test_app_pages(http: httpx.Client) -> None:
+    page = http.get("/apps/chat/browser/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert page.headers["cross-origin-opener-policy"] == "same-origin"
+    assert page.headers["cross-origin-embedder-policy"] == "require-corp"
+    assert '<amphibia-app id="app" src="/apps/chat/"' in page.text and "Chat with history" in page.text
+    # A browser's visit to /apps/chat/ gets the same page; every other request reaches the app.
+    visit = http.get("/apps/chat/", headers={"sec-fetch-mode": "navigate", "accept": "text/html,*/*;q=0.8"})
+    assert visit.text == page.text
+    assert http.get("/apps/chat/").headers["content-type"].startswith("application/json")
+    assert http.get("/apps/nope/browser/").status_code == 404
+    runtime = http.get("/amphibia/worker.js")
+    assert runtime.headers["cross-origin-embedder-policy"] == "require-corp"  # a Worker of an isolated page
+    assert runtime.headers["access-control-allow-origin"] == "*"
+    assert http.get("/amphibia/wllama/wasm/wllama.wasm").content[:4] == b"\0asm"

@@ -47,11 +47,14 @@ async def model_file(request: Request) -> Response:
     if version is not None and version != current:
         return JSONResponse({"error": {"type": "not_found",
                                        "message": f"version {version} of {name!r} is gone (current: {current})"}}, 404)
+    etag = f'"{current}"'
     headers = {
+        "etag": etag,
         "cache-control": "public, max-age=31536000, immutable" if version else "no-cache",
         "access-control-allow-origin": "*",
         "access-control-expose-headers": "content-length, content-range, etag, accept-ranges",
         "cross-origin-resource-policy": "cross-origin",
     }
-    return FileResponse(path, media_type="application/octet-stream", headers=headers,
-                        filename=None, stat_result=None)
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    return FileResponse(path, media_type="application/octet-stream", headers=headers)
