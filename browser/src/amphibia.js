@@ -12,13 +12,17 @@ export async function load(appUrl, options = {}) {
   const name = url.pathname.split("/").filter(Boolean)[1];
   if (!name) throw new Error(`not an app URL: ${appUrl}`);
   const gateway = url.origin;
+  const worker = startWorker(); // its modules load while the app list is fetched
   const listing = await (await fetch(`${gateway}/api/apps`)).json();
   const info = listing.apps.find((a) => a.name === name);
-  if (!info) throw new Error(`no app named ${name} at ${gateway}`);
-  if (!info.browser) throw new Error(`app ${name} has no browser build`);
+  if (!info || !info.browser) {
+    worker.terminate();
+    throw new Error(info ? `app ${name} has no browser build` : `no app named ${name} at ${gateway}`);
+  }
   const abs = (path) => new URL(path, gateway).href;
-  const app = new App(name, {
+  const app = new App(name, worker, {
     app: name,
+    coreWasm: info.core_wasm,
     gateway,
     base: abs(info.browser),
     shim: abs("/amphibia/shim/index.js"),
@@ -43,8 +47,9 @@ function startWorker() {
 }
 
 class App extends EventTarget {
-  constructor(name, config) {
+  constructor(name, worker, config) {
     super();
+    this.#worker = worker;
     this.name = name;
     this.engine = null;
     this.#config = config;
@@ -53,11 +58,11 @@ class App extends EventTarget {
 
   #config;
   #worker = null;
+  #created = performance.now();
   #calls = new Map();
   #nextId = 1;
 
   async #start() {
-    this.#worker = startWorker();
     this.#worker.onmessage = ({ data }) => {
       if (data.event) { // "engine" (which engine answers, and why), "fallback", "token" (streamed text)
         if (data.event === "engine") { this.engine = data.detail.engine; this.reason = data.detail.reason; }
@@ -78,6 +83,7 @@ class App extends EventTarget {
     this.engine = info.engine;
     this.reason = info.reason;
     this.crossOriginIsolated = info.crossOriginIsolated;
+    this.timings = { ...info.timings, ready_ms: Math.round(performance.now() - this.#created) };
     /** Resolves with the engine decision once the local model is loaded, or known to be unavailable. */
     this.localReady = this.#rpc("localReady");
   }

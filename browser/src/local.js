@@ -2,7 +2,7 @@
 // visitor's device. wllama runs the model in a Worker of its own; this module decides whether the
 // device can, loads the model (kept in OPFS by wllama, so a second visit downloads nothing) and
 // turns completions into the same {next, cancel} generations the remote engine gives.
-import { Wllama } from "./wllama/index.js";
+// wllama (275 KB of JS) is imported only when a model is actually loaded.
 
 const MEMORY64_PROBE = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 5, 3, 1, 4, 0]); // (memory i64 0)
 
@@ -41,6 +41,7 @@ export class LocalEngine {
     const url = new URL(this.model.url, self.location.href).href;
     const before = modelBytes(url);
     const quiet = { debug() {}, log() {}, warn() {}, error: console.error.bind(console) };
+    const { Wllama } = await import("./wllama/index.js");
     this.wllama = new Wllama({ default: this.wasmUrl }, { suppressNativeLog: true, logger: quiet, allowOffline: true });
     this.wllama.setCompat(null); // never load code from a CDN: we checked JSPI + Memory64 ourselves
     const loadModel = () => this.wllama.loadModelFromUrl(url, { n_ctx: Math.min(this.model.n_ctx, 2048), n_threads: this.threads, useCache: true });

@@ -9,19 +9,33 @@ let router = null;
 let turn = Promise.resolve(); // one call at a time: a component instance is not reentrant
 const compiled = new Map(); // core module path -> WebAssembly.Module, compiled once per worker
 
+const timings = {};
+const mark = (name, since) => { timings[name] = Math.round(performance.now() - since); return performance.now(); };
+
 async function instantiate() {
-  const mod = await import(`${config.base}app.js`);
-  const shim = await import(config.shim);
+  let t = performance.now();
+  const [mod, shim] = await Promise.all([import(`${config.base}app.js`), import(config.shim)]);
+  t = mark("import_ms", t);
   const imports = {
     ...wasiImports(shim),
     "amphibia:ai/llm": llmImports(router),
     "amphibia:ai/http": {},
   };
   const getCoreModule = (path) => {
-    if (!compiled.has(path)) compiled.set(path, WebAssembly.compileStreaming(fetch(`${config.base}${path}`)));
+    if (!compiled.has(path)) compiled.set(path, compile(path));
     return compiled.get(path);
   };
-  return mod.instantiate(getCoreModule, imports);
+  const instance = await mod.instantiate(getCoreModule, imports);
+  mark("compile_and_instantiate_ms", t);
+  return instance;
+}
+
+function compile(path) {
+  const started = performance.now();
+  return WebAssembly.compileStreaming(fetch(`${config.base}${path}`)).then((module) => {
+    timings.compile_ms = Math.max(timings.compile_ms ?? 0, Math.round(performance.now() - started));
+    return module;
+  });
 }
 
 const post = (event, detail) => self.postMessage({ event, detail });
@@ -37,6 +51,8 @@ async function bridgeUrl() {
 const ops = {
   async init(args) {
     config = args;
+    // Compile the core modules while the generated JS and the shim load (they are most of ready).
+    for (const path of config.coreWasm ?? []) compiled.set(path, compile(path));
     if (typeof WebAssembly.Suspending !== "function") {
       throw new Error("this browser lacks JSPI (WebAssembly.Suspending); use the sync build (mode: \"sync\")");
     }
@@ -53,7 +69,7 @@ const ops = {
       router.startLocal(() => new LocalEngine(config.localModel, { wasmUrl: config.wllamaWasm }), unavailable);
     }
     instance = await instantiate();
-    return { ...router.current, jspi: true, crossOriginIsolated: self.crossOriginIsolated };
+    return { ...router.current, jspi: true, crossOriginIsolated: self.crossOriginIsolated, timings };
   },
   async localReady() {
     return router.localReady;

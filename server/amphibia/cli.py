@@ -101,6 +101,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.pool import main as pool_main
 
         return pool_main(args)
+    if args.which == "browser":
+        from .bench.browser import main as browser_main
+
+        return browser_main(args)
     raise AmphibiaError(f"unknown benchmark {args.which!r}")
 
 
@@ -146,8 +150,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_models)
 
     s = sub.add_parser("bench", help="run a benchmark; the last line printed is JSON")
-    s.add_argument("which", choices=["cold-start", "pool"])
-    s.add_argument("--quick", action="store_true", help="pool: a reduced run (under a minute or so)")
+    s.add_argument("which", choices=["cold-start", "pool", "browser"])
+    s.add_argument("--quick", action="store_true", help="pool, browser: a reduced run (about a minute)")
     s.add_argument("--json", action="store_true", help="print only the JSON result line")
     s.add_argument("--app", default=None, help="app folder (default: examples/chat)")
     s.add_argument("-n", "--requests", type=int, default=300)

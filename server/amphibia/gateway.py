@@ -190,6 +190,7 @@ async def list_apps(request: Request) -> Response:
          "wasm_sha256": a.manifest.get("wasm_sha256"),
          "browser": f"/apps/{a.spec.name}/browser/@{version_of(a.manifest)}/" if a.manifest.get("browser") else None,
          "page": f"/apps/{a.spec.name}/browser/",
+         "core_wasm": sorted(f for f in (a.manifest.get("browser") or {}) if f.endswith(".wasm")),
          "engine": a.spec.browser_engine,
          "local_model": browser_model(gateway.config, a.spec.model)}
         for a in gateway.apps.values()
