@@ -211,3 +211,43 @@ def test_app_page_and_embedding_from_another_origin(browser: Browser, pool: Pool
     assert page.locator("amphibia-app").locator("pre").inner_text().strip()
     assert page.evaluate("location.origin") == third_party and third_party != pool.url
     page.close()
+
+
+def test_the_sync_build_runs_where_jspi_is_missing(browser: Browser, page: Page, pool: Pool) -> None:
+    """Without JSPI the guest runs jco's sync build and blocks on Atomics.wait while an engine Worker
+    answers (SharedArrayBuffer: only in a cross-origin isolated page). Forced here with mode "sync"."""
+    payload = {"messages": FRANCE, "temperature": 0, "max_tokens": 32}
+    server = httpx.post(f"{pool.url}/apps/chat/", json=payload, timeout=60).json()
+    isolated = browser.new_page()
+    isolated.goto(f"{pool.url}/apps/tokens/browser/")
+    out = isolated.evaluate("""async ([chat, stream]) => {
+        const { load } = await import("/amphibia/amphibia.js");
+        const app = await load("/apps/chat/", { mode: "sync", engine: "remote" });
+        const post = (path, body) => app.handle({ method: "POST", path, headers: {"content-type": "application/json"}, body });
+        let tokens = 0;
+        app.addEventListener("token", () => { tokens += 1; });
+        const answers = [(await post("/", chat)).text(), (await post("/stream", stream)).text()];
+        const misbehave = await load("/apps/misbehave/", { mode: "sync", engine: "remote" });
+        const results = [];
+        for (const path of ["/model", "/trap", "/ok"]) {
+            try { results.push((await misbehave.handle({ method: "GET", path, query: "name=gpt-17" })).text()); }
+            catch (err) { results.push("error: " + err.message); }
+        }
+        const tokenizer = await load("/apps/tokens/", { mode: "sync", engine: "remote" });
+        results.push((await tokenizer.handle({ method: "POST", path: "/", body: "Hello world" })).text());
+        return { mode: app.mode, answers, tokens, results };
+    }""", [json.dumps(payload), json.dumps({**payload, "max_tokens": 32})])
+    isolated.close()
+    assert out["mode"] == "sync"
+    assert json.loads(out["answers"][0]) == server
+    assert json.loads(out["answers"][1])["reply"] == server["reply"] and out["tokens"] > 3  # live token events
+    model, trap, ok, tokens = out["results"]
+    assert json.loads(model)["error"] == "ModelNotSupported"
+    assert trap.startswith("error:") and ok == "ok"  # a trapped guest is replaced
+    assert json.loads(tokens)["tokens"] == [19556, 905]
+    # Not isolated (the test page has no COOP/COEP): the sync build cannot run, and says why.
+    error = page.evaluate("""async () => {
+        const { load } = await import("/amphibia/amphibia.js");
+        try { await load("/apps/chat/", { mode: "sync" }); return null; } catch (err) { return err.message; }
+    }""")
+    assert "cross-origin isolated" in error

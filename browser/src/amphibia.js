@@ -32,6 +32,7 @@ export async function load(appUrl, options = {}) {
     localModel: info.local_model ? { ...info.local_model, url: abs(info.local_model.url) } : null,
     maxLocalModelBytes: options.maxLocalModelBytes ?? listing.max_local_model_bytes,
     forceLocalUnavailable: options.forceLocalUnavailable ?? null,
+    mode: options.mode ?? null, // null: JSPI where the browser has it, else the sync build
   });
   await app.ready;
   return app;
@@ -62,53 +63,70 @@ class App extends EventTarget {
   #calls = new Map();
   #nextId = 1;
 
+  #control = null; // MessagePort to the engine router: its events, and controls such as stopLocal
+  #nextControl = 1;
+  #controls = new Map();
+
   async #start() {
-    this.#worker.onmessage = ({ data }) => {
-      if (data.event) { // "engine" (which engine answers, and why), "fallback", "token" (streamed text)
-        if (data.event === "engine") { this.engine = data.detail.engine; this.reason = data.detail.reason; }
-        this.dispatchEvent(new CustomEvent(data.event, { detail: data.detail }));
-        return;
-      }
-      const call = this.#calls.get(data.id);
+    const settle = (calls, data) => {
+      const call = calls.get(data.id);
       if (!call) return;
-      this.#calls.delete(data.id);
+      calls.delete(data.id);
       if (data.error) call.reject(Object.assign(new Error(data.error.message), data.error));
       else call.resolve(data.result);
     };
+    this.#worker.onmessage = ({ data }) => settle(this.#calls, data);
     this.#worker.onerror = (event) => {
       for (const call of this.#calls.values()) call.reject(new Error(event.message || "worker failed"));
       this.#calls.clear();
     };
-    const info = await this.#rpc("init", this.#config);
+    const channel = new MessageChannel();
+    this.#control = channel.port1;
+    this.#control.onmessage = ({ data }) => {
+      if (!data.event) return settle(this.#controls, data);
+      // "engine" (which engine answers, and why), "fallback" (a rescue), "token" (streamed text)
+      if (data.event === "engine") { this.engine = data.detail.engine; this.reason = data.detail.reason; }
+      this.dispatchEvent(new CustomEvent(data.event, { detail: data.detail }));
+    };
+    const info = await this.#rpc("init", this.#config, channel.port2);
     this.engine = info.engine;
     this.reason = info.reason;
+    this.mode = info.mode; // "jspi" or "sync" (SharedArrayBuffer + Atomics, for browsers without JSPI)
     this.crossOriginIsolated = info.crossOriginIsolated;
     this.timings = { ...info.timings, ready_ms: Math.round(performance.now() - this.#created) };
     /** Resolves with the engine decision once the local model is loaded, or known to be unavailable. */
-    this.localReady = this.#rpc("localReady");
+    this.localReady = this.#controlRpc("localReady");
+  }
+
+  #rpc(op, args, port) {
+    const id = this.#nextId++;
+    return new Promise((resolve, reject) => {
+      this.#calls.set(id, { resolve, reject });
+      this.#worker.postMessage({ id, op, args, port }, port ? [port] : []);
+    });
+  }
+
+  #controlRpc(op, args) {
+    const id = this.#nextControl++;
+    return new Promise((resolve, reject) => {
+      this.#controls.set(id, { resolve, reject });
+      this.#control.postMessage({ id, op, args });
+    });
   }
 
   /** Override the app's policy from the page ("remote" stops a local engine; its answers in flight finish remotely). */
   useEngine(policy) {
-    return this.#rpc("useEngine", policy);
+    return this.#controlRpc("useEngine", policy);
   }
 
   /** Stop the local engine now (frees its memory); generations in flight finish on the bridge. */
   stopLocal(reason) {
-    return this.#rpc("stopLocal", reason);
+    return this.#controlRpc("stopLocal", reason);
   }
 
   /** Drop the bridge connection as a network failure would; requests in flight resume on a new one. */
   dropBridge() {
-    return this.#rpc("dropBridge");
-  }
-
-  #rpc(op, args) {
-    const id = this.#nextId++;
-    return new Promise((resolve, reject) => {
-      this.#calls.set(id, { resolve, reject });
-      this.#worker.postMessage({ id, op, args });
-    });
+    return this.#controlRpc("dropBridge");
   }
 
   /** Call the app's `handle` export; a guest that trapped is replaced by a fresh instance. */
@@ -130,6 +148,7 @@ class App extends EventTarget {
 
   close() {
     this.#worker?.terminate();
+    this.#control?.close();
   }
 }
 

@@ -247,7 +247,7 @@ export class EchoEngine {
   }
 }
 
-function params(p) {
+export function params(p) {
   if (!p) return {};
   return {
     max_tokens: p.maxTokens, temperature: p.temperature, top_k: p.topK, top_p: p.topP,
@@ -256,7 +256,7 @@ function params(p) {
   };
 }
 
-async function complete(engine, model, prompt, messages, p) {
+export async function complete(engine, model, prompt, messages, p) {
   const gen = await engine.generate(model, prompt, messages, params(p));
   let text = "";
   for (;;) {

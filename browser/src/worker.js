@@ -1,34 +1,19 @@
-// The app's home in the browser: a module Worker that instantiates the jco build (JSPI) and answers
-// its `llm` imports through the engine router (local wllama, the remote bridge, or both).
-import { EchoEngine, EngineRouter, RemoteEngine, llmImports, wasiImports } from "./engines.js";
-import { LocalEngine, localUnavailable } from "./local.js";
+// The app's home in the browser: a module Worker that instantiates the app's jco build and answers
+// its `llm` imports. With JSPI (the default) the imports are async functions and the engine router
+// (local wllama, the remote bridge, or both) lives here; without JSPI the sync build runs here and
+// blocks on an engine Worker beside it (sync.js). Engine events and controls travel on the page's
+// MessagePort; `handle` calls on this Worker's own messages.
+import { llmImports, wasiImports } from "./engines.js";
+import { controlOps, createRouter, serve } from "./engine-setup.js";
+import { startEngineWorker, syncLlmImports } from "./sync.js";
 
 let config = null;
 let instance = null;
-let router = null;
+let llm = null;
 let turn = Promise.resolve(); // one call at a time: a component instance is not reentrant
 const compiled = new Map(); // core module path -> WebAssembly.Module, compiled once per worker
-
 const timings = {};
 const mark = (name, since) => { timings[name] = Math.round(performance.now() - since); return performance.now(); };
-
-async function instantiate() {
-  let t = performance.now();
-  const [mod, shim] = await Promise.all([import(`${config.base}app.js`), import(config.shim)]);
-  t = mark("import_ms", t);
-  const imports = {
-    ...wasiImports(shim),
-    "amphibia:ai/llm": llmImports(router),
-    "amphibia:ai/http": {},
-  };
-  const getCoreModule = (path) => {
-    if (!compiled.has(path)) compiled.set(path, compile(path));
-    return compiled.get(path);
-  };
-  const instance = await mod.instantiate(getCoreModule, imports);
-  mark("compile_and_instantiate_ms", t);
-  return instance;
-}
 
 function compile(path) {
   const started = performance.now();
@@ -38,52 +23,46 @@ function compile(path) {
   });
 }
 
-const post = (event, detail) => self.postMessage({ event, detail });
-
-async function bridgeUrl() {
-  // A fresh token per connection: tokens are short-lived, and a reconnect may come much later.
-  const res = await fetch(`${config.gateway}/bridge/token?app=${encodeURIComponent(config.app)}`);
-  if (!res.ok) throw new Error(`bridge token refused: ${res.status} ${await res.text()}`);
-  const { token } = await res.json();
-  return `${config.gateway.replace(/^http/, "ws")}/bridge?token=${encodeURIComponent(token)}`;
+async function instantiate() {
+  let t = performance.now();
+  const script = config.mode === "sync" ? "app.sync.js" : "app.js";
+  const [mod, shim] = await Promise.all([import(`${config.base}${script}`), import(config.shim)]);
+  t = mark("import_ms", t);
+  const imports = { ...wasiImports(shim), "amphibia:ai/llm": llm, "amphibia:ai/http": {} };
+  const getCoreModule = (path) => {
+    if (!compiled.has(path)) compiled.set(path, compile(path));
+    return compiled.get(path);
+  };
+  const result = await mod.instantiate(getCoreModule, imports);
+  mark("compile_and_instantiate_ms", t);
+  return result;
 }
 
 const ops = {
-  async init(args) {
+  async init(args, port) {
     config = args;
+    const jspi = typeof WebAssembly.Suspending === "function";
+    config.mode = config.mode ?? (jspi ? "jspi" : "sync");
     // Compile the core modules while the generated JS and the shim load (they are most of ready).
     for (const path of config.coreWasm ?? []) compiled.set(path, compile(path));
-    if (typeof WebAssembly.Suspending !== "function") {
-      throw new Error("this browser lacks JSPI (WebAssembly.Suspending); use the sync build (mode: \"sync\")");
-    }
-    const remote = new RemoteEngine(bridgeUrl, (text) => post("token", { text }));
-    if (config.engine === "echo") {
-      router = new EngineRouter(new EchoEngine(), "remote", post);
-      router.remote.onToken = (text) => post("token", { text });
-      router.decide("echo", "the page asked for the echo engine (no model: measures call overhead)");
+    let current;
+    if (config.mode === "jspi") {
+      if (!jspi) throw new Error("this browser lacks JSPI (WebAssembly.Suspending); use mode \"sync\"");
+      const router = createRouter(config, (event, detail) => port.postMessage({ event, detail }));
+      serve(port, controlOps(router));
+      llm = llmImports(router);
+      current = router.current;
     } else {
-      router = new EngineRouter(remote, config.engine, post);
-      const unavailable = config.forceLocalUnavailable
-        ? `the page forced it off (${config.forceLocalUnavailable})`
-        : localUnavailable(config.localModel, config.maxLocalModelBytes);
-      router.startLocal(() => new LocalEngine(config.localModel, { wasmUrl: config.wllamaWasm }), unavailable);
+      if (!self.crossOriginIsolated) {
+        throw new Error("this browser lacks JSPI, and the sync fallback needs a cross-origin isolated page "
+          + "(COOP/COEP, as the gateway's /apps/NAME/browser/ pages are)");
+      }
+      const channel = await startEngineWorker(config, port);
+      current = channel.request({ op: "hello" });
+      llm = syncLlmImports(channel);
     }
     instance = await instantiate();
-    return { ...router.current, jspi: true, crossOriginIsolated: self.crossOriginIsolated, timings };
-  },
-  async localReady() {
-    return router.localReady;
-  },
-  async useEngine(policy) {
-    return router.use(policy);
-  },
-  async stopLocal(reason) {
-    await router.stopLocal(reason || "the page stopped the local engine");
-    return router.current;
-  },
-  async dropBridge() {
-    router.remote.dropConnection?.();
-    return true;
+    return { ...current, mode: config.mode, crossOriginIsolated: self.crossOriginIsolated, timings };
   },
   async handle(req) {
     const run = async () => {
@@ -103,7 +82,7 @@ const ops = {
 
 self.onmessage = async ({ data }) => {
   try {
-    self.postMessage({ id: data.id, result: await ops[data.op](data.args) });
+    self.postMessage({ id: data.id, result: await ops[data.op](data.args, data.port) });
   } catch (err) {
     self.postMessage({ id: data.id, error: { message: String(err?.message ?? err), payload: err?.payload } });
   }
