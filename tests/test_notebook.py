@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -108,12 +107,16 @@ def test_token_view_with_ipywidgets(nb, shell) -> None:
 
     from amphibia.notebook.streaming import TokenView
 
-    with capture_output():
+    with capture_output() as captured:
         view = TokenView("chat POST /stream", widget=True)
         for piece in ("The", " capital", " <b>"):
             view.add(piece)
         view.finish("200 in 0.1 s")
     assert "The capital &lt;b&gt;" in view._widget.value and "200 in 0.1 s" in view._widget.value
+    first, last = captured.outputs[0], captured.outputs[-1]
+    assert "application/vnd.jupyter.widget-view+json" in first.data  # live: the widget
+    assert last.update and "The capital <b>" in last.data["text/plain"]  # done: plain output that outlives it
+    assert "application/vnd.jupyter.widget-view+json" not in last.data
 
 
 def echo_app() -> amphibia.notebook.NotebookApp:
@@ -167,7 +170,7 @@ def test_connect_runs_the_same_apps_on_a_remote_pool(nb, pool: Pool) -> None:
     try:
         started = time.time()
         remote = amphibia.connect(pool.url.replace("http://", "ws://"))
-        assert amphibia.engine().startswith("pool at ws://127.0.0.1:")
+        assert amphibia.current_engine().startswith("pool at ws://127.0.0.1:")
         res = chat.post("/", json={"messages": FRANCE, "temperature": 0.0})
         assert res.status == 200 and res.json()["reply"] == PARIS and res.engine.startswith("pool at")
         streamed = chat.stream("/stream", json={"messages": FRANCE, "temperature": 0.0}, display=False)
@@ -191,7 +194,7 @@ def test_connect_runs_the_same_apps_on_a_remote_pool(nb, pool: Pool) -> None:
         assert res.status == 200 and _timeline_apps(pool, started) == {"tokens"}
     finally:
         amphibia.connect()
-    assert amphibia.engine() == "local"
+    assert amphibia.current_engine() == "local"
     assert chat.post("/", json={"messages": FRANCE, "temperature": 0.0}).engine == "local"
 
 
@@ -199,10 +202,10 @@ def test_pool_view_draws_slots_queues_and_service_from_real_data(pool: Pool) -> 
     from amphibia.notebook import PoolTrace, pool_stats, pool_view
 
     since = time.time()
-    story = {"messages": [{"role": "user", "content": "Tell me a story about a frog."}], "max_tokens": 40}
+    story = {"messages": [{"role": "user", "content": "Tell me a story about a frog."}], "max_tokens": 24}
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        futures = [ex.submit(httpx.post, f"{pool.url}/apps/chat/", json=story, timeout=300) for _ in range(6)]
-        futures += [ex.submit(httpx.post, f"{pool.url}/apps/summarize/", content="Frogs jump. " * 20, timeout=300)
+        futures = [ex.submit(httpx.post, f"{pool.url}/apps/chat/", json=story, timeout=300) for _ in range(4)]
+        futures += [ex.submit(httpx.post, f"{pool.url}/apps/summarize/", content="Frogs jump. " * 10, timeout=300)
                     for _ in range(2)]
         fig = pool_view(pool.url, since=since, until=futures, interval=0.3)
     assert all(f.result().status_code == 200 for f in futures)
@@ -210,17 +213,17 @@ def test_pool_view_draws_slots_queues_and_service_from_real_data(pool: Pool) -> 
     assert len(fig.axes) == 4  # one per worker (wA, wB), queue depth, service
     assert {ax.get_ylabel() for ax in workers} == {"wA", "wB"}
     bars = [p.get_gid() for ax in workers for p in ax.patches]
-    assert bars.count("chat") >= 6 and bars.count("summarize") >= 2  # every request held a slot (some twice)
+    assert bars.count("chat") >= 4 and bars.count("summarize") >= 2  # every request held a slot (some twice)
     assert {line.get_label() for line in queue_ax.lines} == {"chat", "summarize"}
     assert {line.get_label() for line in service_ax.lines} == {"chat", "summarize"}
 
     trace = PoolTrace(pool.url, since)
     trace.poll()
     summary = trace.summary()
-    assert summary["chat"]["jobs"] == 6 and summary["summarize"]["jobs"] == 2
-    assert summary["chat"]["finished"] == 6 and all(s.how != "running" for s in trace.slots())
+    assert summary["chat"]["jobs"] == 4 and summary["summarize"]["jobs"] == 2
+    assert summary["chat"]["finished"] == 4 and all(s.how != "running" for s in trace.slots())
     stats = pool_stats(pool.url)
-    assert stats["chat"]["requests"] >= 6 and stats["chat"]["tokens"] > 0
+    assert stats["chat"]["requests"] >= 4 and stats["chat"]["tokens"] > 0
 
 
 def test_background_gateway_serves_and_shows_the_app_and_stops(nb) -> None:
@@ -269,11 +272,15 @@ def run_notebook(name: str, kernel_specs, timeout_s: int = 300) -> tuple[object,
 
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "commit it without outputs"
-    km = KernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs)
+    km = KernelManager(kernel_name="python3", kernel_spec_manager=kernel_specs, shutdown_wait_time=30)
     client = NotebookClient(nb, km=km, timeout=timeout_s, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOKS)}})
     started = time.monotonic()
-    client.execute()
+    try:
+        client.execute()
+    finally:
+        if km.has_kernel:  # nbclient leaves a kernel it was handed; a graceful stop runs its atexit hooks
+            km.shutdown_kernel(now=False)
     assert time.monotonic() - started < 2 * timeout_s
     texts = []
     for cell in nb.cells:
@@ -292,6 +299,7 @@ def test_notebook_01_quickstart(kernel_specs) -> None:
     nb, text = run_notebook("01-quickstart.ipynb", kernel_specs)
     assert PARIS in text
     assert re.search(r"streamed \d+ pieces", text)
+    assert re.search(r"quickstart POST /stream\n.+\n\[200 in [\d.]+ s, \d+ pieces, llm: local\]", text, re.S | re.I)
     assert "closer: True" in text
 
 
@@ -310,6 +318,10 @@ def test_notebook_03_browser_and_server(kernel_specs) -> None:
     # The kernel is gone, and its background gateway and worker went with it.
     with pytest.raises(httpx.TransportError):
         httpx.get(match.group(1) + "/healthz", timeout=2)
+    import psutil
+
+    port = match.group(1).rsplit(":", 1)[1]
+    assert not [p for p in psutil.process_iter(["cmdline"]) if f"127.0.0.1:{port}/pool" in " ".join(p.info["cmdline"] or [])]
 
 
 def test_notebook_04_pre_and_post_processing(kernel_specs) -> None:
