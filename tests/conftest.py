@@ -89,7 +89,10 @@ class Pool:
 
     def start_worker(self, worker_id: str, slots: int = 2) -> None:
         cmd = [sys.executable, "-m", "amphibia.cli", "worker", "--gateway", f"ws://127.0.0.1:{self.port}/pool",
-               "--slots", str(slots), "--worker-id", worker_id]
+               "--slots", str(slots), "--worker-id", worker_id,
+               # Two workers on this 2-core machine: one thread each. Two threads each would make
+               # four spinning OpenMP threads fight over two cores and slow every decode many times.
+               "--threads", str(max(1, (os.cpu_count() or 2) // 2))]
         self.workers[worker_id] = subprocess.Popen(cmd, env={**os.environ, "AMPHIBIA_POOL_TOKEN": TOKEN})
 
     def status(self) -> dict:

@@ -65,6 +65,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     spec = config.models[args.model]
     if args.gpu_layers is not None:
         spec = replace(spec, gpu_layers=args.gpu_layers)
+    if args.threads is not None:
+        spec = replace(spec, threads=args.threads)
     token = args.token or os.environ.get("AMPHIBIA_POOL_TOKEN") or config.pool.token
     if not token:
         raise AmphibiaError("a pool token is needed: --token, AMPHIBIA_POOL_TOKEN or [pool] token in amphibia.toml")
@@ -139,6 +141,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="smollm2")
     s.add_argument("--slots", type=int, default=4, help="sequences batched together")
     s.add_argument("--gpu-layers", type=int, default=None, help="layers to offload (needs a CUDA build)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for llama.cpp (default: the model's `threads`; several workers on one "
+                        "machine should split its cores, not each take them all)")
     s.add_argument("--token", help="the pool token (default: $AMPHIBIA_POOL_TOKEN or [pool] token)")
     s.add_argument("--worker-id")
     s.add_argument("--config", help="amphibia.toml (for its model registry)")
