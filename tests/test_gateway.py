@@ -235,7 +235,9 @@ def test_app_pages(http: httpx.Client) -> None:
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert page.headers["cross-origin-opener-policy"] == "same-origin"
     assert page.headers["cross-origin-embedder-policy"] == "require-corp"
-    assert '<amphibia-app id="app" src="/apps/chat/"' in page.text and "Chat with history" in page.text
+    assert '<amphibia-app id="app" src="/apps/chat/" engine="auto">' in page.text and "Chat with history" in page.text
+    assert 'engine="remote"' in http.get("/apps/chat/browser/?engine=remote").text
+    assert 'engine="auto"' in http.get("/apps/chat/browser/?engine=<script>").text
     # A browser's visit to /apps/chat/ gets the same page; every other request reaches the app.
     visit = http.get("/apps/chat/", headers={"sec-fetch-mode": "navigate", "accept": "text/html,*/*;q=0.8"})
     assert visit.text == page.text

@@ -28,7 +28,7 @@ from . import api
 from .bridge import bridge_socket, token_endpoint
 from .browser_files import PublicAssets, browser_file, version_of
 from .build import BROWSER_DIR, build
-from .config import AppSpec, Config
+from .config import BROWSER_ENGINES, AppSpec, Config
 from .engine import Engine
 from .errors import AmphibiaError, AppNotFound, BadRequest, error_response
 from .host.llm import LlmHost
@@ -134,7 +134,10 @@ async def app_page(request: Request) -> Response:
     app = gateway.apps.get(name)
     if app is None:
         return error_response(AppNotFound(f"no app named {name!r}"))
-    page = _pages.get_template("app.html").render(app=app.spec, browser=bool(app.manifest.get("browser")))
+    engine = request.query_params.get("engine", app.spec.browser_engine)  # `?engine=remote` overrides the app's policy
+    if engine not in BROWSER_ENGINES:
+        engine = app.spec.browser_engine
+    page = _pages.get_template("app.html").render(app=app.spec, engine=engine, browser=bool(app.manifest.get("browser")))
     return HTMLResponse(page, headers={**ISOLATION_HEADERS, "cache-control": "no-cache"})
 
 
