@@ -191,11 +191,16 @@ def test_browser_build_is_served_with_caching_headers(http: httpx.Client) -> Non
     apps = {a["name"]: a for a in http.get("/api/apps").json()["apps"]}
     base = apps["chat"]["browser"]
     assert base and base.startswith("/apps/chat/browser/@")
-    res = http.get(base + "app.js")
+    res = http.get(base + "app.js", headers={"accept-encoding": "gzip"})
     assert res.status_code == 200 and res.headers["content-type"].startswith("text/javascript")
     assert res.headers["cache-control"] == "public, max-age=31536000, immutable"
     assert res.headers["content-encoding"] == "gzip"
     assert res.content == (EXAMPLES / "chat" / ".amphibia" / "browser" / "app.js").read_bytes()
+    br = http.get(base + "app.js", headers={"accept-encoding": "gzip, deflate, br, zstd"})
+    assert br.headers["content-encoding"] == "br" and int(br.headers["content-length"]) < len(res.content) / 3
+    assert br.content == res.content  # httpx decodes brotli with the brotli package
+    plain = http.get(base + "app.js", headers={"accept-encoding": "identity"})
+    assert "content-encoding" not in plain.headers and plain.content == res.content
     assert "export function instantiate" in res.text  # jco's async-instantiation build: no bare imports
     core = http.get(base + "app.core.wasm")
     assert core.headers["content-type"] == "application/wasm" and core.content[:4] == b"\0asm"
