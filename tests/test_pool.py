@@ -230,6 +230,13 @@ def test_bridge_generates_embeds_and_cancels(pool: Pool) -> None:
     assert code is None and got[0]["type"] == "token" and all(m["id"] == "p1" for m in got)
     assert "".join(m["text"] for m in got if m["type"] == "token") == "The capital of France is Paris."
     assert got[-1]["generated_tokens"] == 7
+    # A page whose local engine failed after "The capital of" finishes the answer here: only the
+    # rest comes back, and the usage counts the tokens the page says it already had.
+    resumed = wire.Assign(id="p2", model="", params={"temperature": 0.0, "max_tokens": 32}, messages=FRANCE[1:],
+                          resume_text="The capital of", resume_tokens=3)
+    got, _ = asyncio.run(bridge(pool, token, [resumed.encode()]))
+    assert "".join(m["text"] for m in got if m["type"] == "token") == " France is Paris."
+    assert got[-1]["type"] == "done" and got[-1]["generated_tokens"] == 7
 
     call = wire.Call(id="e1", model="smollm2", method="embed", args={"texts": ["frog"]})
     got, _ = asyncio.run(bridge(pool, token, [call.encode()], until="result"))
