@@ -251,3 +251,16 @@ def test_the_sync_build_runs_where_jspi_is_missing(browser: Browser, page: Page,
         try { await load("/apps/chat/", { mode: "sync" }); return null; } catch (err) { return err.message; }
     }""")
     assert "cross-origin isolated" in error
+
+
+def test_the_page_switches_engines(page: Page) -> None:
+    out = page.evaluate("""async () => {
+        const { load } = await import("/amphibia/amphibia.js");
+        const app = await load("/apps/chat/", { engine: "remote" });
+        const seen = [app.engine];
+        seen.push((await app.useEngine("local")).engine);   // loads the model now
+        seen.push((await app.useEngine("remote")).engine);  // stops it
+        app.close();
+        return seen;
+    }""")
+    assert out == ["remote", "local", "remote"]

@@ -147,6 +147,8 @@ export class EngineRouter {
 
   /** Start the local engine if the policy and the device allow; resolves with the decision. */
   startLocal(makeLocal, unavailable) {
+    this.makeLocal = makeLocal;
+    this.unavailable = unavailable;
     if (this.policy === "remote") {
       this.localReady = Promise.resolve(this.decide("remote", "the app or page asked for the remote engine"));
       return this.localReady;
@@ -159,8 +161,13 @@ export class EngineRouter {
     }
     if (this.policy === "auto") this.decide("remote", "the shared pool answers while the local model loads");
     const local = makeLocal();
-    this.localReady = local.load().then(
+    this.loading = true;
+    this.localReady = local.load().finally(() => { this.loading = false; }).then(
       (info) => {
+        if (this.policy === "remote") { // the page switched to remote while the model loaded
+          local.stop("the page switched to the remote engine");
+          return this.current;
+        }
         this.local = local;
         const from = info.downloadedBytes > 0 ? `downloaded ${(info.downloadedBytes / 1e6).toFixed(1)} MB` : "from the browser's cache";
         return { ...this.decide("local", `model ${local.model.name} runs on this device (${from}, loaded in ${info.seconds.toFixed(1)} s, ${info.threads} thread${info.threads > 1 ? "s" : ""})`), load: info };
@@ -175,11 +182,15 @@ export class EngineRouter {
   /** Switch policy from the page; a local engine in use is stopped (its generations finish remotely). */
   async use(policy) {
     this.policy = policy;
-    if (policy === "remote" && this.local) {
+    if (policy === "remote") {
       const local = this.local;
       this.local = null;
       this.decide("remote", "the page switched to the remote engine");
-      await local.stop("the page switched to the remote engine");
+      await local?.stop("the page switched to the remote engine");
+      return this.current;
+    }
+    if (!this.local && !this.loading && this.makeLocal) {
+      return this.startLocal(this.makeLocal, this.unavailable); // load (or re-load) the model now
     }
     return this.current;
   }
@@ -193,8 +204,9 @@ export class EngineRouter {
   }
 
   async generate(model, prompt, messages, params) {
-    if (this.current.engine === "none") {
-      throw wasiError("runtime_error", this.current.reason);
+    if (this.policy === "local" && !this.local) {
+      await this.localReady; // local only: wait for the model instead of asking the pool
+      if (!this.local) throw wasiError("runtime_error", this.current.reason);
     }
     if (!this.local) return this.remote.generate(model, prompt, messages, params);
     let gen;
