@@ -11,7 +11,7 @@ import math
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from .errors import AmphibiaError, InferenceTimeout, InvalidInput, LLMError, ModelNotSupported
 
@@ -182,6 +182,24 @@ class Engine(Protocol):
     def detokenize(self, model: str, tokens: Sequence[int]) -> str: ...
 
     def close(self) -> None: ...
+
+
+class WireCalls:
+    """embed, tokenize and detokenize for engines whose model answers `wire.Call(method, args)`
+    somewhere else (the pool's workers, a remote gateway's bridge): each engine supplies only
+    `_call(model, method, args, timeout_s)`."""
+
+    _call: Callable[[str, str, dict, float], Any]
+
+    def embed(self, model: str, texts: Sequence[str], timeout_s: float = 120.0) -> tuple[list[list[float]], int]:
+        value = self._call(model, "embed", {"texts": list(texts)}, timeout_s)
+        return value["embeddings"], value["prompt_tokens"]
+
+    def tokenize(self, model: str, text: str, timeout_s: float = 30.0) -> list[int]:
+        return self._call(model, "tokenize", {"text": text}, timeout_s)
+
+    def detokenize(self, model: str, tokens: Sequence[int], timeout_s: float = 30.0) -> str:
+        return self._call(model, "detokenize", {"tokens": list(tokens)}, timeout_s)
 
 
 class TextAssembler:

@@ -21,14 +21,14 @@ import logging
 import threading
 import time
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import websockets
 
 from ..config import default_models
-from ..engine import GenerateRequest, TokenStream, Usage, no_such_model
+from ..engine import GenerateRequest, TokenStream, Usage, WireCalls, no_such_model
 from ..errors import AmphibiaError, InferenceTimeout, InvalidInput, LLMError
 from ..host.context import current
 from ..pool import wire
@@ -69,7 +69,7 @@ class _Link:
         self.closed: str | None = None
 
 
-class BridgeEngine:
+class BridgeEngine(WireCalls):
     """`engine.Engine` whose model runs in a remote gateway's pool, reached over `/bridge`.
 
     `token`: a bridge token (all calls then act as the app it names). Without one, tokens are
@@ -239,16 +239,6 @@ class BridgeEngine:
         except concurrent.futures.TimeoutError:
             self._loop.call_soon_threadsafe(link.pending.pop, msg.id, None)
             raise InferenceTimeout(f"{method} did not finish within {timeout_s:g} s") from None
-
-    def embed(self, model: str, texts: Sequence[str], timeout_s: float = 120.0) -> tuple[list[list[float]], int]:
-        value = self._call(model, "embed", {"texts": list(texts)}, timeout_s)
-        return value["embeddings"], value["prompt_tokens"]
-
-    def tokenize(self, model: str, text: str, timeout_s: float = 30.0) -> list[int]:
-        return self._call(model, "tokenize", {"text": text}, timeout_s)
-
-    def detokenize(self, model: str, tokens: Sequence[int], timeout_s: float = 30.0) -> str:
-        return self._call(model, "detokenize", {"tokens": list(tokens)}, timeout_s)
 
     def close(self) -> None:
         async def shut() -> None:

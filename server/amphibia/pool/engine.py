@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from ..chat_template import validate_messages
 from ..config import AppSpec, ModelSpec
-from ..engine import GenerateRequest, TokenStream, Usage, no_such_model
+from ..engine import GenerateRequest, TokenStream, Usage, WireCalls, no_such_model
 from ..errors import AmphibiaError, InferenceTimeout
 from ..host.context import current
 from .broker import Broker, Job
@@ -57,7 +57,7 @@ class FutureSink:
             self.future.set_result(value)
 
 
-class PoolEngine:
+class PoolEngine(WireCalls):
     def __init__(self, broker: Broker, models: dict[str, ModelSpec], default_app: AppSpec) -> None:
         self.broker, self.models = broker, models
         self.default_app = default_app  # for calls made outside a guest (tests, notebooks)
@@ -109,16 +109,6 @@ class PoolEngine:
         except concurrent.futures.TimeoutError:
             self.loop.call_soon_threadsafe(self.broker.cancel, job.id)
             raise InferenceTimeout(f"{method} did not finish within {timeout_s:g} s") from None
-
-    def embed(self, model: str, texts: Sequence[str], timeout_s: float = 120.0) -> tuple[list[list[float]], int]:
-        value = self._call(model, "embed", {"texts": list(texts)}, timeout_s)
-        return value["embeddings"], value["prompt_tokens"]
-
-    def tokenize(self, model: str, text: str, timeout_s: float = 30.0) -> list[int]:
-        return self._call(model, "tokenize", {"text": text}, timeout_s)
-
-    def detokenize(self, model: str, tokens: Sequence[int], timeout_s: float = 30.0) -> str:
-        return self._call(model, "detokenize", {"tokens": list(tokens)}, timeout_s)
 
     def close(self) -> None:
         pass
