@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -13,21 +11,15 @@ from typing import Iterator
 
 import httpx
 import pytest
-import uvicorn
 
 from amphibia.config import Config, Limits, PoolConfig, ServerConfig, default_models, discover_apps
 from amphibia.local_engine import LocalEngine
+from amphibia.loopback import free_port, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 TEST_APPS = Path(__file__).resolve().parent / "apps"
 CACHE = ROOT / ".amphibia" / "cache"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -53,19 +45,9 @@ def server(config: Config, engine: LocalEngine) -> Iterator[str]:
     """The real gateway on a real loopback port, with the session's engine."""
     from amphibia.gateway import create_app
 
-    port = free_port()
-    app = create_app(config, engine=engine)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 600  # first run builds every app (~15 s each)
-    while not srv.started:
-        if not thread.is_alive() or time.time() > deadline:
-            raise RuntimeError("gateway did not start")
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    served = serve_in_thread(create_app(config, engine=engine))  # the first run builds every app
+    yield served.url
+    served.stop()
 
 
 @pytest.fixture()
@@ -127,13 +109,8 @@ def pool() -> Iterator[Pool]:
                     pool=PoolConfig(token=TOKEN, quantum_tokens=16), api_keys=KEYS, root=ROOT)
     port = free_port()
     asgi = create_app(config)
-    srv = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        assert thread.is_alive()
-        time.sleep(0.1)
-    p = Pool(f"http://127.0.0.1:{port}", port, asgi)
+    served = serve_in_thread(asgi, port)
+    p = Pool(served.url, port, asgi)
     p.third_party_url = third_party_url
     p.start_worker("wA")
     p.start_worker("wB")
@@ -144,7 +121,6 @@ def pool() -> Iterator[Pool]:
     for proc in p.workers.values():
         proc.wait(10)
     third_party.terminate()
-    srv.should_exit = True
-    thread.join(10)
+    served.stop()
 
 

@@ -64,7 +64,6 @@ class App extends EventTarget {
   #nextId = 1;
 
   #control = null; // MessagePort to the engine router: its events, and controls such as stopLocal
-  #nextControl = 1;
   #controls = new Map();
 
   async #start() {
@@ -98,20 +97,21 @@ class App extends EventTarget {
     this.localReady = this.#controlRpc("localReady");
   }
 
-  #rpc(op, args, port) {
+  /** A request on the Worker (`handle`, `init`) or on the control port; replies carry its id. */
+  #request(target, calls, op, args, port) {
     const id = this.#nextId++;
     return new Promise((resolve, reject) => {
-      this.#calls.set(id, { resolve, reject });
-      this.#worker.postMessage({ id, op, args, port }, port ? [port] : []);
+      calls.set(id, { resolve, reject });
+      target.postMessage({ id, op, args, port }, port ? [port] : []);
     });
   }
 
+  #rpc(op, args, port) {
+    return this.#request(this.#worker, this.#calls, op, args, port);
+  }
+
   #controlRpc(op, args) {
-    const id = this.#nextControl++;
-    return new Promise((resolve, reject) => {
-      this.#controls.set(id, { resolve, reject });
-      this.#control.postMessage({ id, op, args });
-    });
+    return this.#request(this.#control, this.#controls, op, args);
   }
 
   /** Override the app's policy from the page ("remote" stops a local engine; its answers in flight finish remotely). */

@@ -69,7 +69,7 @@ export class LocalEngine {
     let wake = null;
     const push = (item) => { items.push(item); wake?.(); };
     const abort = new AbortController();
-    let tokens = 0;
+    let tokens = 0, usage = null, promptTokens = 0;
     const gen = { fail: (err) => { abort.abort(); push({ error: err }); } };
     this.inFlight.add(gen);
     const options = {
@@ -81,18 +81,15 @@ export class LocalEngine {
         const choice = chunk.choices?.[0];
         const text = messages ? choice?.delta?.content : choice?.text;
         if (text) { tokens += 1; push({ text }); }
-        if (chunk.usage) this.lastUsage = chunk.usage;
-        if (chunk.timings?.prompt_n) this.promptTokens = chunk.timings.prompt_n;
+        if (chunk.usage) usage = chunk.usage;
+        if (chunk.timings?.prompt_n) promptTokens = chunk.timings.prompt_n;
       },
     };
     const run = async () => {
       if (this.stopped) throw new Stopped("local engine stopped");
-      this.lastUsage = null;
-      this.promptTokens = 0;
       if (messages) await this.wllama.createChatCompletion({ ...options, messages });
       else await this.wllama.createCompletion({ ...options, prompt });
-      const usage = this.lastUsage ?? {};
-      return { prompt_tokens: usage.prompt_tokens ?? this.promptTokens, generated_tokens: usage.completion_tokens ?? tokens };
+      return { prompt_tokens: usage?.prompt_tokens ?? promptTokens, generated_tokens: usage?.completion_tokens ?? tokens };
     };
     const done = this.queue.then(run);
     this.queue = done.catch(() => {});

@@ -76,11 +76,11 @@ async def browser_file(request: Request) -> Response:
     return Response(body, media_type=media_type, headers=headers)
 
 
-PUBLIC_PREFIXES = ("/amphibia/", "/api/apps")
+PUBLIC_PREFIXES = ("/amphibia/", "/api/apps", "/models/")
 
 
 class PublicAssets:
-    """ASGI middleware: the in-page runtime, app builds and the app list may be loaded by pages on
+    """ASGI middleware: the in-page runtime, app builds, models and the app list may be loaded by pages on
     any origin (`examples/embed.html`), so they carry `Access-Control-Allow-Origin: *` and a
     cross-origin resource policy. They are public, credential-free files; what needs a guard (the
     bridge) checks origins itself."""

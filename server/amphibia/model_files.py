@@ -51,9 +51,8 @@ async def model_file(request: Request) -> Response:
     headers = {
         "etag": etag,
         "cache-control": "public, max-age=31536000, immutable" if version else "no-cache",
-        "access-control-allow-origin": "*",
+        # (CORS and CORP come from browser_files.PublicAssets, as for every public asset.)
         "access-control-expose-headers": "content-length, content-range, etag, accept-ranges",
-        "cross-origin-resource-policy": "cross-origin",
     }
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from ..config import Config, ServerConfig, default_models, discover_apps
-from .pool import free_port
+from ..loopback import free_port, serve_in_thread
 
 BENCH_APPS = Path(__file__).resolve().parent / "apps"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -67,24 +68,6 @@ TOKENS = """async ([engine, messages, maxTokens]) => {
 }"""
 
 
-def _serve(config: Config) -> tuple[str, object, threading.Thread]:
-    import uvicorn
-
-    from ..gateway import create_app
-
-    port = free_port()
-    asgi = create_app(config, local_worker_port=port)
-    server = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 900
-    while not server.started:
-        if not thread.is_alive() or time.time() > deadline:
-            raise RuntimeError("gateway did not start")
-        time.sleep(0.1)
-    return f"http://127.0.0.1:{port}", server, thread
-
-
 def _wait_for_worker(url: str) -> None:
     import httpx
 
@@ -102,13 +85,17 @@ def _tok_s(stamps: list[float]) -> float:
     return (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1000)
 
 
-def run(examples: Path, calls: int, reps: int, max_tokens: int, log: "callable") -> dict:
+def run(examples: Path, calls: int, reps: int, max_tokens: int, log: Callable[[str], None]) -> dict:
     from playwright.sync_api import sync_playwright
 
     apps = {**discover_apps(examples), **discover_apps(BENCH_APPS)}
     config = Config(server=replace(ServerConfig(), cache_dir=examples.parent / ".amphibia" / "cache"),
                     models=default_models(), apps=apps, root=examples.parent)
-    url, server, thread = _serve(config)
+    from ..gateway import create_app
+
+    port = free_port()
+    served = serve_in_thread(create_app(config, local_worker_port=port), port, start_timeout_s=900)
+    url = served.url
     try:
         _wait_for_worker(url)
         executable = shutil.which("chromium") or "/usr/bin/chromium"
@@ -163,7 +150,7 @@ def run(examples: Path, calls: int, reps: int, max_tokens: int, log: "callable")
                 raise RuntimeError(f"a generation failed: {visit}")
         return {
             "benchmark": "browser",
-            "machine": f"{platform.machine()}, {_cpus()} CPUs, {platform.system()}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
             "browser": "Debian chromium, headless",
             "cold_ready_ms": round(statistics.median(cold), 1),
             "warm_ready_ms": round(statistics.median(warm), 1),
@@ -180,14 +167,7 @@ def run(examples: Path, calls: int, reps: int, max_tokens: int, log: "callable")
                      "call_overhead_ms": [round(x, 4) for x in per_call]},
         }
     finally:
-        server.should_exit = True
-        thread.join(30)
-
-
-def _cpus() -> int:
-    import os
-
-    return os.cpu_count() or 0
+        served.stop(30)
 
 
 def main(args: argparse.Namespace) -> int:

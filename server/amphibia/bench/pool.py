@@ -29,6 +29,7 @@ import httpx
 
 from ..config import default_models
 from ..engine import SamplingParams
+from ..loopback import free_port
 
 PROMPT = "1, 2, 3, 4, 5, 6, 7, 8,"  # continues for as long as it is allowed: no early end of text
 SLOTS = 16
@@ -49,14 +50,6 @@ class Server:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 180) -> None:

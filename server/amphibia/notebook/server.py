@@ -13,21 +13,19 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import httpx
-import uvicorn
 
 from ..config import Config, Limits, PoolConfig, ServerConfig
 from ..errors import AmphibiaError
+from ..loopback import free_port, serve_in_thread
 from .apps import NotebookApp, with_overrides
 from .session import Session
 
@@ -35,12 +33,6 @@ from .session import Session
 # falls back to the in-page runtime's own page, so the rest of the path works.
 PAGE = "/apps/{name}/browser/"
 FALLBACK_PAGE = "/amphibia/?app={name}"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 try:  # resolved here, not in the forked child, where loading a library could deadlock
@@ -87,15 +79,7 @@ class BackgroundGateway:
         self.gateway = self.asgi.state.gateway
         self.log_dir = Path(tempfile.mkdtemp(prefix="amphibia-notebook-"))
         self.workers: dict[str, subprocess.Popen] = {}
-        self._server = uvicorn.Server(uvicorn.Config(self.asgi, host=self.host, port=self.port, log_level="warning",
-                                                     access_log=False))
-        self._thread = threading.Thread(target=self._server.run, name=f"amphibia-gateway-{self.port}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + start_timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise AmphibiaError(f"the gateway on {self.url} did not start")
-            time.sleep(0.05)
+        self._served = serve_in_thread(self.asgi, self.port, self.host, start_timeout_s)
         self.stopped = False
         session.gateways.append(self)
         atexit.register(self.stop)
@@ -146,7 +130,8 @@ class BackgroundGateway:
     def start_worker(self, worker_id: str, slots: int = 2, model: str = "smollm2") -> subprocess.Popen:
         """A real worker process (`amphibia worker`) that dials this gateway's pool; its log goes to a file."""
         cmd = [sys.executable, "-m", "amphibia.cli", "worker", "--gateway", f"ws://{self.host}:{self.port}/pool",
-               "--model", model, "--slots", str(slots), "--worker-id", worker_id, "--config", str(self._models_toml())]
+               "--model", model, "--slots", str(slots), "--worker-id", worker_id, "--threads", str(self.threads),
+               "--config", str(self._models_toml())]
         log = open(self.log_dir / f"worker-{worker_id}.log", "ab")
         # A process group of its own: ipykernel signals the children in its group at shutdown and
         # then waits for them to vanish, which a terminated but unreaped worker never does; these
@@ -159,10 +144,10 @@ class BackgroundGateway:
         return proc
 
     def _models_toml(self) -> Path:
-        """The workers' model registry: this session's models, with the thread count set."""
+        """The workers' model registry: this session's models (which may not be the defaults)."""
         lines = []
         for name, spec in self.config.models.items():
-            lines += [f"[models.{name}]", f"threads = {self.threads}", f"n_ctx = {spec.n_ctx}",
+            lines += [f"[models.{name}]", f"n_ctx = {spec.n_ctx}",
                       f"gpu_layers = {spec.gpu_layers}"]
             for key in ("path", "package", "file"):
                 if getattr(spec, key) is not None:
@@ -210,8 +195,7 @@ class BackgroundGateway:
         try:
             for worker_id in list(self.workers):
                 self.stop_worker(worker_id)
-            self._server.should_exit = True
-            self._thread.join(15)
+            self._served.stop()
         finally:
             broker_log.setLevel(level)
         if self in self.session.gateways:

@@ -331,6 +331,7 @@ class Broker:
             worker.send(wire.Cancel(job_id))
         grace = 3 * self.config.heartbeat_s
         now = time.monotonic()
+        lost = False
         for job in list(worker.running.values()):
             if job.id in held or now - job.assigned_at < grace:
                 job.missed = 0
@@ -343,7 +344,9 @@ class Broker:
             job.worker = None
             self._event(job, "lost")
             self.queues[job.app.name].appendleft(job)
-        self._dispatch()
+            lost = True
+        if lost:
+            self._dispatch()
 
     def _finish(self, job: Job) -> None:
         self.jobs.pop(job.id, None)

@@ -1,0 +1,46 @@
+"""A gateway served on loopback from inside another program: the tests, the benchmarks and the
+notebooks each run one in a thread beside their own work."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from .errors import AmphibiaError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ThreadedServer:
+    server: uvicorn.Server
+    thread: threading.Thread
+    url: str
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+
+
+def serve_in_thread(asgi: Any, port: int | None = None, host: str = "127.0.0.1",
+                    start_timeout_s: float = 600.0) -> ThreadedServer:
+    """Serve `asgi` with uvicorn in a daemon thread; returns once it accepts connections (the
+    lifespan has run: apps are built and loaded). The first start may build every app (~15 s each)."""
+    port = port or free_port(host)
+    server = uvicorn.Server(uvicorn.Config(asgi, host=host, port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, name=f"amphibia-gateway-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise AmphibiaError(f"the gateway on {host}:{port} did not start")
+        time.sleep(0.05)
+    return ThreadedServer(server, thread, f"http://{host}:{port}")
