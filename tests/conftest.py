@@ -12,8 +12,10 @@ from typing import Iterator
 import httpx
 import pytest
 
-from amphibia.config import Config, Limits, PoolConfig, ServerConfig, default_models, discover_apps
-from amphibia.local_engine import LocalEngine
+from amphibia.config import AppSpec, Config, Limits, PoolConfig, ServerConfig, default_models, discover_apps
+from amphibia.inference.inprocess import InProcessEngine
+from amphibia.inference.pool.spawn import spawn_worker
+from amphibia.inference.service import InferenceService
 from amphibia.loopback import free_port, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,11 +25,22 @@ CACHE = ROOT / ".amphibia" / "cache"
 
 
 @pytest.fixture(scope="session")
-def engine(config: Config) -> Iterator[LocalEngine]:
-    eng = LocalEngine(config.models)
+def engine(config: Config) -> Iterator[InProcessEngine]:
+    eng = InProcessEngine(config.models)
     eng.warm("smollm2")
     yield eng
     eng.close()
+
+
+@pytest.fixture(scope="session")
+def service(engine: InProcessEngine) -> InferenceService:
+    return InferenceService(engine)
+
+
+@pytest.fixture(scope="session")
+def caller(config: Config) -> AppSpec:
+    """An app that may use the default model (the open APIs' own app)."""
+    return config.api_app("api")
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +54,9 @@ def config() -> Config:
 
 
 @pytest.fixture(scope="session")
-def server(config: Config, engine: LocalEngine) -> Iterator[str]:
+def server(config: Config, engine: InProcessEngine) -> Iterator[str]:
     """The real gateway on a real loopback port, with the session's engine."""
-    from amphibia.gateway import create_app
+    from amphibia.http.app import create_app
 
     served = serve_in_thread(create_app(config, engine=engine))  # the first run builds every app
     yield served.url
@@ -70,12 +83,10 @@ class Pool:
         self.workers: dict[str, subprocess.Popen] = {}
 
     def start_worker(self, worker_id: str, slots: int = 2) -> None:
-        cmd = [sys.executable, "-m", "amphibia.cli", "worker", "--gateway", f"ws://127.0.0.1:{self.port}/pool",
-               "--slots", str(slots), "--worker-id", worker_id,
-               # Two workers on this 2-core machine: one thread each. Two threads each would make
-               # four spinning OpenMP threads fight over two cores and slow every decode many times.
-               "--threads", str(max(1, (os.cpu_count() or 2) // 2))]
-        self.workers[worker_id] = subprocess.Popen(cmd, env={**os.environ, "AMPHIBIA_POOL_TOKEN": TOKEN})
+        # Two workers on this 2-core machine: one thread each. Two threads each would make
+        # four spinning OpenMP threads fight over two cores and slow every decode many times.
+        self.workers[worker_id] = spawn_worker(f"ws://127.0.0.1:{self.port}/pool", TOKEN, slots=slots,
+                                               worker_id=worker_id, threads=max(1, (os.cpu_count() or 2) // 2))
 
     def status(self) -> dict:
         return httpx.get(f"{self.url}/pool", timeout=10).json()
@@ -95,7 +106,7 @@ class Pool:
 
 @pytest.fixture(scope="session")
 def pool() -> Iterator[Pool]:
-    from amphibia.gateway import create_app
+    from amphibia.http.app import create_app
 
     apps = {**discover_apps(EXAMPLES), **discover_apps(TEST_APPS)}
     apps["limited"] = replace(apps["misbehave"], name="limited", limits=Limits(max_concurrent=2, timeout_s=5))

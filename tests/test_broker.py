@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from amphibia.config import AppSpec, Limits, PoolConfig
-from amphibia.engine import SamplingParams, Usage
 from amphibia.errors import AmphibiaError, Overloaded
-from amphibia.pool import wire
-from amphibia.pool.broker import Broker, Job, WorkerLink
+from amphibia.inference.pool import wire
+from amphibia.inference.pool.broker import Broker, WorkerLink
+from amphibia.inference.pool.jobs import GenerationJob
+from amphibia.inference.types import Generation, Usage
 
 
 class Collect:
@@ -26,16 +27,13 @@ class Collect:
     def fail(self, error: AmphibiaError) -> None:
         self.error = error
 
-    def result(self, value) -> None:
-        pass
-
 
 def app(name: str, **limits) -> AppSpec:
     return AppSpec(name=name, path=Path("."), limits=Limits(**limits))
 
 
-def job(a: AppSpec) -> Job:
-    return Job.generation(a, "m", Collect(), SamplingParams(), prompt="p")
+def job(a: AppSpec) -> GenerationJob:
+    return GenerationJob(a, Generation("m", prompt="p"), Collect())
 
 
 def worker(broker: Broker, slots: int = 1) -> tuple[WorkerLink, list]:
@@ -45,7 +43,7 @@ def worker(broker: Broker, slots: int = 1) -> tuple[WorkerLink, list]:
     return link, sent
 
 
-def generate(broker: Broker, link: WorkerLink, j: Job, tokens: int) -> None:
+def generate(broker: Broker, link: WorkerLink, j: GenerationJob, tokens: int) -> None:
     broker.on_message(link, wire.Started(j.id, 10))
     for _ in range(tokens):
         broker.on_message(link, wire.Token(j.id, "x"))
@@ -190,13 +188,13 @@ def test_heartbeats_reconcile_stale_sequences_and_lost_assignments() -> None:
     broker.submit(stranded)
     assert stranded.worker is link
     # The worker holds a sequence the broker never gave it (or already took back): cancel it.
-    broker.on_message(link, wire.Heartbeat(running=2, free_slots=0, jobs=[stranded.id, "ghost"]))
+    broker.on_message(link, wire.Heartbeat(jobs=[stranded.id, "ghost"]))
     assert [m.id for m in sent if isinstance(m, wire.Cancel)] == ["ghost"]
     # The worker never got `stranded` (a lost message): one missed heartbeat is not enough, two are,
     # and then the job is placed again (here on the same, only worker).
-    broker.on_message(link, wire.Heartbeat(running=0, free_slots=1, jobs=[]))
+    broker.on_message(link, wire.Heartbeat(jobs=[]))
     assert [m.id for m in sent if isinstance(m, wire.Assign)] == [stranded.id]
-    broker.on_message(link, wire.Heartbeat(running=0, free_slots=1, jobs=[]))
+    broker.on_message(link, wire.Heartbeat(jobs=[]))
     assert [m.id for m in sent if isinstance(m, wire.Assign)] == [stranded.id, stranded.id]
     assert [e["event"] for e in broker.timeline] == ["start", "lost", "start"]
     generate(broker, link, stranded, 2)

@@ -17,6 +17,19 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+def test_browser_error_table_matches_the_servers() -> None:
+    """The page maps a bridge failure to the WIT error case with its own copy of the server's table."""
+    from pathlib import Path
+
+    from amphibia.errors import LLM_ERRORS
+
+    source = (Path(__file__).parent.parent / "browser/src/engines.js").read_text()
+    table = re.search(r"const ERROR_TAGS = \{(.*?)\};", source, re.S)
+    assert table is not None
+    browser_tags = dict(re.findall(r"(\w+): \"([\w-]+)\"", table.group(1)))
+    assert browser_tags == {kind: cls.wit for kind, cls in LLM_ERRORS.items()}
+
+
 @pytest.fixture(scope="module")  # Playwright's sync API keeps an event loop running until it exits
 def browser(pool: Pool) -> Iterator[Browser]:
     executable = shutil.which("chromium") or "/usr/bin/chromium"

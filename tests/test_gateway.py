@@ -253,3 +253,58 @@ def test_app_pages(http: httpx.Client) -> None:
     assert runtime.headers["cross-origin-embedder-policy"] == "require-corp"  # a Worker of an isolated page
     assert runtime.headers["access-control-allow-origin"] == "*"
     assert http.get("/amphibia/wllama/wasm/wllama.wasm").content[:4] == b"\0asm"
+
+
+def test_open_apis_and_bridge_without_a_pool(server: str, http: httpx.Client) -> None:
+    """The OpenAI and Spin APIs and the browser bridge go through the inference service, so they work
+    with any engine: here the in-process one, with no broker and no worker."""
+    import asyncio
+    import json
+
+    import websockets
+
+    france = [{"role": "system", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"},
+              {"role": "user", "content": "What is the capital of France? Answer in two sentences."}]
+    assert http.get("/healthz").json()["workers"] is None  # no pool here
+    body = {"model": "smollm2", "messages": france, "temperature": 0, "max_tokens": 32}
+    out = http.post("/v1/chat/completions", json=body).json()
+    assert out["choices"][0]["message"]["content"] == "The capital of France is Paris."
+    events = [line[6:] for line in http.post("/v1/chat/completions", json={**body, "stream": True}).text.splitlines()
+              if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == "The capital of France is Paris."
+    emb = http.post("/v1/embeddings", json={"model": "smollm2", "input": ["frogs", "toads"]}).json()
+    assert len(emb["data"]) == 2 and len(emb["data"][0]["embedding"]) == 576
+    spin = http.post("/infer", json={"model": "smollm2", "prompt": "The capital of France is",
+                                     "options": {"maxTokens": 4, "temperature": 0}}).json()
+    assert spin["usage"]["generatedTokenCount"] >= 1 and "Paris" in spin["text"]
+    # Text that is not valid UTF-8 never reaches an engine.
+    res = http.post("/v1/embeddings", content=b'{"model": "smollm2", "input": "\\ud800"}')
+    assert res.status_code == 400 and "UTF-8" in error_of(res)["message"]
+
+    token = http.get("/bridge/token", params={"app": "chat"}).json()["token"]
+
+    async def page() -> list[dict]:
+        url = server.replace("http://", "ws://") + f"/bridge?token={token}"
+        async with websockets.connect(url, origin=server) as ws:
+            await ws.send(json.dumps({"type": "assign", "id": "p1", "model": "", "messages": france[1:],
+                                      "params": {"temperature": 0.0, "max_tokens": 32}}))
+            got = []
+            while not got or got[-1]["type"] not in ("done", "failed"):
+                got.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+            # A page that cancels hears its request end, with what it used.
+            await ws.send(json.dumps({"type": "assign", "id": "p2", "model": "", "prompt": "Count from one to one hundred:",
+                                      "params": {"temperature": 0.0, "max_tokens": 300}}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 60))["type"] == "token"
+            await ws.send(json.dumps({"type": "cancel", "id": "p2"}))
+            end = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            while end["type"] == "token":
+                end = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            return got + [end]
+
+    *got, cancelled = asyncio.run(page())
+    assert got[-1]["type"] == "done" and got[-1]["generated_tokens"] == 7
+    assert "".join(m["text"] for m in got if m["type"] == "token") == "The capital of France is Paris."
+    assert cancelled["type"] == "done" and cancelled["finish_reason"] == "cancelled"
+    assert 1 <= cancelled["generated_tokens"] < 300

@@ -18,7 +18,7 @@ import pytest
 import amphibia
 from amphibia.config import Config
 from amphibia.errors import BuildError
-from amphibia.local_engine import LocalEngine
+from amphibia.inference.inprocess import InProcessEngine
 
 from conftest import CACHE, EXAMPLES, FRANCE, ROOT, TEST_APPS, Pool
 
@@ -39,7 +39,7 @@ def index(req: Request) -> Response:
 
 
 @pytest.fixture(scope="module")
-def nb(config: Config, engine: LocalEngine) -> Iterator[amphibia.notebook.Session]:
+def nb(config: Config, engine: InProcessEngine) -> Iterator[amphibia.notebook.Session]:
     """The kernel's session, sharing the test session's model instead of loading another."""
     from amphibia.notebook import Session, use_session
 
@@ -60,7 +60,8 @@ def shell(nb: amphibia.notebook.Session):
 
 
 def test_importing_amphibia_stays_light() -> None:
-    code = ("import sys, amphibia; assert not {'IPython', 'matplotlib', 'amphibia.notebook', 'amphibia.runtime'} "
+    code = ("import sys, amphibia; "
+            "assert not {'IPython', 'matplotlib', 'amphibia.notebook', 'amphibia.sandbox.runtime'} "
             "& set(sys.modules), sorted(sys.modules); assert callable(amphibia.load_ipython_extension); "
             "assert amphibia.load.__module__ == 'amphibia.notebook'")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -180,7 +181,7 @@ def test_connect_runs_the_same_apps_on_a_remote_pool(nb, pool: Pool) -> None:
         found = search.get("/", params={"q": "capital of France"}).json()
         assert [r["document"] for r in found["results"]] == [r["document"] for r in local[1]["results"]]
         assert _timeline_apps(pool, started) == {"chat"}  # generations ran in the pool, as app "chat"
-        assert remote.workers == 2 and "smollm2" in remote.models
+        assert remote.workers == 2 and "smollm2" in remote.models()
 
         # An app the remote gateway does not serve gets a clear answer, not a hang.
         refused = echo_app().post("/", data="hi")

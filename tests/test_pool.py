@@ -12,7 +12,7 @@ import openai
 import pytest
 import websockets
 
-from amphibia.pool import wire
+from amphibia.inference.pool import wire
 
 from conftest import FRANCE, TOKEN, Pool
 
@@ -21,16 +21,15 @@ def client(pool: Pool, key: str = "key-chat") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{pool.url}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def test_openai_client_chat_stream_embeddings_models(pool: Pool, engine) -> None:
+def test_openai_client_chat_stream_embeddings_models(pool: Pool, service, caller) -> None:
     c = client(pool)
     out = c.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=32)
     assert out.choices[0].message.content == "The capital of France is Paris."
     assert out.usage.prompt_tokens == 42 and out.usage.completion_tokens == 7
     # Greedy through the pool equals the in-process engine's text.
-    from amphibia.engine import GenerateRequest, SamplingParams
-
-    local = engine.generate(GenerateRequest(model="smollm2", messages=tuple(FRANCE[1:]),
-                                            params=SamplingParams(temperature=0, max_tokens=40))).collect()
+    generation = service.generation(caller, model="smollm2", messages=FRANCE[1:],
+                                    params={"temperature": 0, "max_tokens": 40})
+    local = service.stream(caller, generation).collect()
     pooled = c.chat.completions.create(model="smollm2", messages=FRANCE[1:], temperature=0, max_tokens=40)
     assert pooled.choices[0].message.content == local.text
 
@@ -250,10 +249,14 @@ def test_bridge_generates_embeds_and_cancels(pool: Pool) -> None:
     bad = wire.Assign(id="b1", model="gpt-9", params={}, prompt="hi")
     got, _ = asyncio.run(bridge(pool, token, [bad.encode()], until="failed"))
     assert got[-1]["error_type"] == "model_not_supported"
+    # A refusal carries the broker's retry hint to the page.
+    twice = wire.Call(id="d", model="smollm2", method="tokenize", args={"text": "hi"}).encode()
+    got, _ = asyncio.run(bridge(pool, token, [twice, twice], until="failed"))
+    assert got[-1]["error_type"] == "overloaded" and got[-1]["retry_after_ms"] == 1000
 
 
 def test_bridge_rejects_bad_tokens_origins_frames_and_floods(pool: Pool) -> None:
-    from amphibia.bridge import CLOSE_BAD_TOKEN, CLOSE_FLOOD, CLOSE_ORIGIN, issue_token
+    from amphibia.http.bridge import CLOSE_BAD_TOKEN, CLOSE_FLOOD, CLOSE_ORIGIN, issue_token
 
     assert bridge_token(pool, "nope").status_code == 404
     assert bridge_token(pool, origin="https://evil.example").status_code == 403

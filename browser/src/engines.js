@@ -1,17 +1,21 @@
 // LLM engines for a guest in the browser, and the WASI imports it needs.
-// The bridge speaks the pool's wire messages (server/amphibia/pool/wire.py): assign, call, cancel
-// out; token, done, failed, result back.
+// The bridge speaks the pool's wire messages (server/amphibia/inference/pool/wire.py): assign, call,
+// cancel out; token, done, failed, result back.
 
+// Wire error kind -> WIT `error` case: the browser's copy of the table in server/amphibia/errors.py
+// (LLM_ERRORS, each kind's `wit`); tests/test_browser.py checks that the two agree.
 const ERROR_TAGS = {
+  runtime_error: "runtime-error",
   model_not_supported: "model-not-supported",
   invalid_input: "invalid-input",
+  model_not_allowed: "invalid-input",
   overloaded: "overloaded",
   timeout: "timeout",
 };
 
-function wasiError(errorType, message) {
+function wasiError(errorType, message, retryAfterMs = 0) {
   const tag = ERROR_TAGS[errorType] ?? "runtime-error";
-  const val = tag === "model-not-supported" ? undefined : tag === "overloaded" ? 1000 : message;
+  const val = tag === "model-not-supported" ? undefined : tag === "overloaded" ? (retryAfterMs || 1000) : message;
   return Object.assign(new Error(message), { payload: { tag, val } });
 }
 
@@ -92,7 +96,7 @@ export class RemoteEngine {
     const id = await this.#send(message, (msg) => {
       if (msg.type === "token") { progress.text += msg.text; progress.tokens += 1; this.onToken(msg.text); push({ text: msg.text }); }
       else if (msg.type === "done") { this.pending.delete(msg.id); push({ done: msg }); }
-      else if (msg.type === "failed") { this.pending.delete(msg.id); push({ error: wasiError(msg.error_type, msg.message) }); }
+      else if (msg.type === "failed") { this.pending.delete(msg.id); push({ error: wasiError(msg.error_type, msg.message, msg.retry_after_ms) }); }
     }, progress);
     return {
       next: async () => {
@@ -112,7 +116,7 @@ export class RemoteEngine {
       this.#send({ type: "call", model, method, args }, (msg) => {
         this.pending.delete(msg.id);
         if (msg.type === "result") resolve(msg.value);
-        else reject(wasiError(msg.error_type, msg.message));
+        else reject(wasiError(msg.error_type, msg.message, msg.retry_after_ms));
       }).catch(reject);
     });
   }

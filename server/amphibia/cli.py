@@ -41,7 +41,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .gateway import create_app
+    from .http.app import create_app
 
     config = load_config(args.target)
     host = args.host or config.server.host
@@ -57,7 +57,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import os
     from dataclasses import replace
 
-    from .pool.worker import WorkerOptions, run
+    from .inference.pool.worker import WorkerOptions, run
 
     config = load_config(args.config) if args.config else load_config(None)
     if args.model not in config.models:

@@ -37,6 +37,11 @@ class BuildError(AmphibiaError):
 
 
 # --- requests ------------------------------------------------------------------------------------
+class NotFound(AmphibiaError):
+    status = 404
+    type = "not_found"
+
+
 class AppNotFound(AmphibiaError):
     status = 404
     type = "app_not_found"
@@ -45,6 +50,11 @@ class AppNotFound(AmphibiaError):
 class BadRequest(AmphibiaError):
     status = 400
     type = "bad_request"
+
+
+class BodyTooLarge(AmphibiaError):
+    status = 413
+    type = "body_too_large"
 
 
 class Unauthorized(AmphibiaError):
@@ -82,25 +92,39 @@ class GuestOutOfMemory(GuestError):
     type = "guest_out_of_memory"
 
 
-# --- inference (mirrors the WIT `error` variant) -----------------------------------------------------
+# --- inference: the one table from error kind to WIT variant, wire type, HTTP status, retry hint ----
 class LLMError(AmphibiaError):
+    """An inference failure. `type` is its name on the wire and in HTTP bodies, `wit` the case of the
+    WIT `error` variant a guest sees (payload: the message, the retry hint or nothing)."""
+
     status = 502
     type = "runtime_error"
+    wit = "runtime-error"
 
 
 class ModelNotSupported(LLMError):
     status = 404
     type = "model_not_supported"
+    wit = "model-not-supported"
 
 
 class InvalidInput(LLMError):
     status = 400
     type = "invalid_input"
+    wit = "invalid-input"
+
+
+class ModelNotAllowed(InvalidInput):
+    """A served model the caller may not use: one rule for every entrance (guests see invalid-input)."""
+
+    status = 403
+    type = "model_not_allowed"
 
 
 class Overloaded(LLMError):
     status = 429
     type = "overloaded"
+    wit = "overloaded"
 
     def __init__(self, message: str, retry_after_ms: int = 1000) -> None:
         super().__init__(message, retry_after_ms=retry_after_ms)
@@ -110,10 +134,34 @@ class Overloaded(LLMError):
 class InferenceTimeout(LLMError):
     status = 504
     type = "timeout"
+    wit = "timeout"
+
+
+LLM_ERRORS: dict[str, type[LLMError]] = {
+    cls.type: cls for cls in (LLMError, ModelNotSupported, InvalidInput, ModelNotAllowed, Overloaded, InferenceTimeout)
+}
+
+
+def llm_error(error_type: str, message: str, retry_after_ms: int = 0) -> LLMError:
+    """The error a wire `failed` message (or a remote gateway) names; unknown kinds are runtime errors."""
+    cls = LLM_ERRORS.get(error_type, LLMError)
+    if cls is Overloaded:
+        return Overloaded(message, retry_after_ms or 1000)
+    return cls(message)
+
+
+def retry_after_ms(exc: AmphibiaError) -> int:
+    return exc.retry_after_ms if isinstance(exc, Overloaded) else 0
+
+
+def as_llm_error(exc: AmphibiaError) -> LLMError:
+    """Any failure as an inference error (a non-LLM AmphibiaError reaching a guest is a runtime error)."""
+    return exc if isinstance(exc, LLMError) else LLMError(exc.message)
 
 
 def error_response(exc: AmphibiaError, request_id: str = "") -> "JSONResponse":
-    """The HTTP answer for any AmphibiaError: its status, the JSON shape, Retry-After when overloaded."""
+    """The HTTP answer for any AmphibiaError: its status, the JSON shape, Retry-After when overloaded.
+    (Routes raise; the gateway's one exception handler calls this.)"""
     from starlette.responses import JSONResponse
 
     headers = {"x-request-id": request_id} if request_id else {}

@@ -91,7 +91,7 @@ def run(examples: Path, calls: int, reps: int, max_tokens: int, log: Callable[[s
     apps = {**discover_apps(examples), **discover_apps(BENCH_APPS)}
     config = Config(server=replace(ServerConfig(), cache_dir=examples.parent / ".amphibia" / "cache"),
                     models=default_models(), apps=apps, root=examples.parent)
-    from ..gateway import create_app
+    from ..http.app import create_app
 
     port = free_port()
     served = serve_in_thread(create_app(config, local_worker_port=port), port, start_timeout_s=900)

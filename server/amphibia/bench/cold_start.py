@@ -23,8 +23,9 @@ from wasmtime.component import Component
 
 from ..build import build
 from ..config import load_app
-from ..host.llm import LlmHost
-from ..runtime import ComponentCache, HttpRequest, Runtime
+from ..inference.service import InferenceService
+from ..sandbox.llm_host import LlmHost
+from ..sandbox.runtime import ComponentCache, HttpRequest, Runtime
 from .echo_engine import EchoEngine
 
 BODY = json.dumps({"messages": [{"role": "user", "content": "Hello, sandbox!"}]}).encode()
@@ -39,16 +40,16 @@ def run(app_dir: Path, requests: int, say: callable) -> dict:
     app = load_app(app_dir)
     built = build(app_dir)
     with tempfile.TemporaryDirectory() as cache_dir:
-        runtime = Runtime([LlmHost(EchoEngine())], Path(cache_dir), guest_threads=1)
+        runtime = Runtime([LlmHost(InferenceService(EchoEngine()))], Path(cache_dir), guest_threads=1)
         started = time.perf_counter()
-        component = Component.from_file(runtime.engine, str(built.wasm))
+        component = Component.from_file(runtime.wasmtime, str(built.wasm))
         compile_s = time.perf_counter() - started
         say(f"compile: {compile_s:.2f} s")
         runtime.load(built.wasm, built.sha256)  # writes the serialized artifact to the disk cache
 
         loads = []
         for _ in range(5):
-            cache = ComponentCache(runtime.engine, Path(cache_dir))  # empty memory cache: from disk
+            cache = ComponentCache(runtime.wasmtime, Path(cache_dir))  # empty memory cache: from disk
             t = time.perf_counter()
             component = cache.load(built.wasm, built.sha256)
             loads.append((time.perf_counter() - t) * 1000)

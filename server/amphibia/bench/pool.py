@@ -28,7 +28,6 @@ from typing import Callable
 import httpx
 
 from ..config import default_models
-from ..engine import SamplingParams
 from ..loopback import free_port
 
 PROMPT = "1, 2, 3, 4, 5, 6, 7, 8,"  # continues for as long as it is allowed: no early end of text
@@ -91,7 +90,7 @@ def start_peer(workdir: Path) -> Server:
     port = free_port()
     model = default_models()["smollm2"].gguf_path()
     log = workdir / "peer.log"
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "amphibia.bench.peer_server", "--model", str(model), "--host", "127.0.0.1",
                              "--port", str(port), "--n_ctx", "2048", "--n_threads", "2", "--n_threads_batch", "2",
                              # By default it aborts a running stream whenever a new request arrives;
                              # a user who wants every request answered turns that off.
@@ -211,7 +210,9 @@ async def fairness(server: Server, seconds: float) -> dict:
 
 def overhead(server: Server, reps: int, max_tokens: int = 64) -> dict:
     """The same greedy generation through the pool and in this process (median of `reps`)."""
-    from ..llama_model import LlamaModel
+    from ..inference.llama_model import LlamaModel
+    from ..inference.pool import wire
+    from ..inference.pool.batcher import Batcher
 
     def pooled() -> float:
         t = time.perf_counter()
@@ -220,14 +221,20 @@ def overhead(server: Server, reps: int, max_tokens: int = 64) -> dict:
         res.raise_for_status()
         return time.perf_counter() - t
 
-    # The same context shape as the pool's worker (16 slots of 1024 tokens), so the difference is
-    # the gateway, the broker, the WebSocket hops and HTTP, not the KV layout.
+    # The same context shape as the pool's worker (16 slots of 1024 tokens) and the same batching loop
+    # on this (main) thread, as a worker runs it, so the difference is the gateway, the broker, the
+    # WebSocket hops and HTTP, not the KV layout or the thread.
     model = LlamaModel(default_models()["smollm2"].gguf_path(), n_ctx=1024, slots=SLOTS)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    ended: list[wire.Message] = []
+    batcher = Batcher(model, lambda m: ended.append(m) if isinstance(m, (wire.Done, wire.Failed)) else None)
+    params = {"max_tokens": max_tokens, "temperature": 0.0}
 
     def local() -> float:
+        ended.clear()
         t = time.perf_counter()
-        model.generate(PROMPT, params, lambda _p: None, lambda: False)
+        batcher.submit(wire.Assign(id="local", model="smollm2", params=params, prompt=PROMPT))
+        while not ended:
+            batcher.turn()
         return time.perf_counter() - t
 
     pooled(), local()  # warm-up

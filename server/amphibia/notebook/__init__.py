@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 from ..config import Limits
 from .apps import NotebookApp, NotebookBuildError, Response
 from .apps import load as _load
-from .engines import EngineSwitch, ObservedStream
+from .engines import EngineSwitch
 from .pool_view import PoolTrace, ensure_figure_display, pool_stats, pool_view
 from .remote import BridgeEngine
 from .server import BackgroundGateway, page_url
@@ -30,9 +30,8 @@ from .server import show as _show
 from .session import Session, session, use_session
 
 __all__ = ["BackgroundGateway", "BridgeEngine", "EngineSwitch", "Limits", "NotebookApp", "NotebookBuildError",
-           "ObservedStream", "PoolTrace", "Response", "Session", "connect", "current_engine", "load",
-           "load_ipython_extension", "page_url", "pool_stats", "pool_view", "serve", "session", "show",
-           "start_gateway", "use_session"]
+           "PoolTrace", "Response", "Session", "connect", "current_engine", "load", "load_ipython_extension",
+           "page_url", "pool_stats", "pool_view", "serve", "session", "show", "start_gateway", "use_session"]
 
 
 def load(path: str | Path, name: str | None = None, *, model: str | None = None,

@@ -13,16 +13,14 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlencode
 
 from ..build import BuildResult, build, source_hash
 from ..config import Limits, load_app
 from ..errors import AmphibiaError, BuildError
-from ..runtime import HttpRequest
-
-if TYPE_CHECKING:
-    from .session import Session
+from ..sandbox.runtime import HttpRequest
+from .session import Session
 
 _NO_BODY = object()
 
@@ -114,7 +112,7 @@ class Response:
 class NotebookApp:
     """One built app, loaded in the kernel's Runtime."""
 
-    def __init__(self, session: "Session", spec: Any, result: BuildResult, component: Any) -> None:
+    def __init__(self, session: Session, spec: Any, result: BuildResult, component: Any) -> None:
         self.session, self.spec, self.build, self.component = session, spec, result, component
 
     @property
@@ -189,7 +187,7 @@ class NotebookApp:
         """Like `post`, and shows the generated text live in the output cell while the app runs.
 
         The guest hands back its response only at the end, so the live text comes from the host:
-        every piece the engine gives this request's `llm` calls, as the guest reads it.
+        every piece the engine gives this request's `llm` calls, as it hands them to the guest.
         `widget`: use ipywidgets (default: where installed and a kernel runs).
         """
         from .streaming import TokenView
@@ -201,7 +199,7 @@ class NotebookApp:
         view = TokenView(f"{self.name} {method.upper()} {http.path}", widget) if display else None
         with self.session.engine.tap(request_id, pieces.put):
             # A guest thread runs the request; this (the kernel's) thread draws the pieces.
-            future = self.session.runtime.pool.submit(self._run, http, request_id)
+            future = self.session.runtime.guest_threads.submit(self._run, http, request_id)
             while True:
                 try:
                     piece = pieces.get(timeout=0.05)
@@ -229,7 +227,7 @@ def _echo(lines: list[str]) -> None:
         print(line, file=sys.stdout)
 
 
-def load(session: "Session", path: str | Path, name: str | None = None, *, model: str | None = None,
+def load(session: Session, path: str | Path, name: str | None = None, *, model: str | None = None,
          limits: Limits | dict | None = None, weight: float | None = None,
          cell_offset: int | None = None) -> NotebookApp:
     """Build the app in `path` (a folder with app.py) unless its build is current, and load it."""

@@ -1,50 +1,44 @@
-"""The kernel's engine: one object the Runtime holds for good, behind which the model can change.
+"""The kernel's engine: one object the inference service holds for good, behind which the model can change.
 
 A wasmtime component is tied to the Runtime (and its wasmtime Engine) that compiled it, so the
-kernel keeps one Runtime and swaps what sits behind its `llm` host instead: the in-process model,
-or a remote gateway's pool (`remote.BridgeEngine`). The same object lets a notebook watch the
-tokens of one request: a guest returns its response only at the end, so live tokens can only be
-seen here, on the host side, as the guest reads them.
+kernel keeps one Runtime, one inference service and this switch, and swaps what sits behind it:
+the in-process model, or a remote gateway's pool (`remote.BridgeEngine`). The same object lets a
+notebook watch the tokens of one request: a guest returns its response only at the end, so live
+tokens can only be seen here, on the host side, as the engine hands them over.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping
 
-from ..engine import Engine, GenerateRequest, TokenStream
+from ..config import AppSpec
+from ..errors import AmphibiaError
+from ..inference.engine import Cancel, CallSink, Engine, GenerationSink
+from ..inference.types import Call, Generation, Usage
 
 
-class ObservedStream(TokenStream):
-    """A TokenStream that reports each piece to `on_piece` as the guest reads it.
+class _TappedSink:
+    """A generation's sink that also reports each piece to `on_piece`: the engine and the reader
+    stay as they are, and the notebook sees exactly the pieces the guest gets."""
 
-    The producer (the engine) keeps filling the inner stream; this one only sits on the
-    consumer side, so the engine needs no change and the guest sees exactly the same pieces.
-    """
-
-    def __init__(self, inner: TokenStream, on_piece: Callable[[str], None]) -> None:
-        super().__init__()
+    def __init__(self, inner: GenerationSink, on_piece: Callable[[str], None]) -> None:
         self._inner, self._on_piece = inner, on_piece
 
-    @property
-    def cancelled(self) -> bool:
-        return self._inner.cancelled
+    def token(self, text: str) -> None:
+        if text:
+            self._on_piece(text)
+        self._inner.token(text)
 
-    def cancel(self) -> None:
-        self._inner.cancel()
+    def done(self, usage: Usage, finish_reason: str) -> None:
+        self._inner.done(usage, finish_reason)
 
-    def next_piece(self) -> str | None:
-        try:
-            piece = self._inner.next_piece()
-        finally:
-            self.usage, self.finish_reason = self._inner.usage, self._inner.finish_reason
-        if piece is not None:
-            self._on_piece(piece)
-        return piece
+    def fail(self, error: AmphibiaError) -> None:
+        self._inner.fail(error)
 
 
 class EngineSwitch:
-    """`engine.Engine` that forwards to the current engine, and taps the tokens of chosen requests."""
+    """An `Engine` that forwards to the current engine, and taps the tokens of chosen requests."""
 
     def __init__(self, make_local: Callable[[], Engine], local: Engine | None = None) -> None:
         self._make_local = make_local
@@ -87,26 +81,16 @@ class EngineSwitch:
         finally:
             self._taps.pop(request_id, None)
 
-    # --- engine.Engine ------------------------------------------------------------------------------
-    def has_model(self, model: str) -> bool:
-        return self.current.has_model(model)
+    # --- inference.engine.Engine ----------------------------------------------------------------------
+    def models(self) -> Mapping[str, int]:
+        return self.current.models()
 
-    def context_size(self, model: str) -> int:
-        return self.current.context_size(model)
+    def generate(self, caller: AppSpec, generation: Generation, sink: GenerationSink) -> Cancel:
+        on_piece = self._taps.get(generation.request_id)
+        return self.current.generate(caller, generation, _TappedSink(sink, on_piece) if on_piece else sink)
 
-    def generate(self, request: GenerateRequest, timeout_s: float = 120.0) -> TokenStream:
-        stream = self.current.generate(request, timeout_s)
-        on_piece = self._taps.get(request.request_id)
-        return ObservedStream(stream, on_piece) if on_piece else stream
-
-    def embed(self, model: str, texts: Sequence[str], timeout_s: float = 120.0) -> tuple[list[list[float]], int]:
-        return self.current.embed(model, texts, timeout_s)
-
-    def tokenize(self, model: str, text: str) -> list[int]:
-        return self.current.tokenize(model, text)
-
-    def detokenize(self, model: str, tokens: Sequence[int]) -> str:
-        return self.current.detokenize(model, tokens)
+    def call(self, caller: AppSpec, call: Call, sink: CallSink) -> Cancel:
+        return self.current.call(caller, call, sink)
 
     def close(self) -> None:
         with self._lock:

@@ -14,6 +14,8 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from ..config import APP_NAME
 from ..errors import ConfigError
+from .apps import load
+from .session import session
 
 DEFAULT_DIR = ".amphibia/notebook-apps"
 
@@ -42,15 +44,13 @@ class AmphibiaMagics(Magics):
     @cell_magic
     def amphibia_app(self, line: str, cell: str) -> None:
         """Compile this cell (an app.py) into a component, load it, and bind it to NAME."""
-        from . import load
-
         args = parse_argstring(self.amphibia_app, line)
         if not APP_NAME.match(args.name):
             raise ConfigError(f"app name {args.name!r} must be lowercase letters, digits, '-' or '_'")
         folder = Path(args.dir).expanduser() / args.name
         write_app(folder, cell)
         # The magic's own line is line 1 of the cell: app.py line N is cell line N + 1.
-        app = load(folder, name=args.name, model=args.model, cell_offset=1)
+        app = load(session(), folder, name=args.name, model=args.model, cell_offset=1)
         var = args.var or variable_for(args.name)
         self.shell.user_ns[var] = app
         print(f"{args.name}: component {app.build.sha256[:12]} loaded; call it as `{var}.get(...)`, "

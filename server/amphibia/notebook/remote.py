@@ -1,4 +1,4 @@
-"""`BridgeEngine`: the `engine.Engine` interface over a remote gateway's browser bridge (`/bridge`).
+"""`BridgeEngine`: the inference engine interface over a remote gateway's browser bridge (`/bridge`).
 
 The kernel runs the app itself (the same component, in its own sandbox) and only sends the
 `llm` calls to the remote pool, exactly as a web page running the app does: it takes a token
@@ -6,8 +6,8 @@ from `GET /bridge/token?app=NAME` and speaks the pool's wire messages (`assign`,
 `cancel` out; `token`, `done`, `failed`, `result` in). Calls therefore run as that app on the
 remote gateway, under its limits and its fair share, next to every other client of the pool.
 
-One WebSocket per remote app, owned by an asyncio loop in a thread of its own; guest threads
-block on their TokenStream or Future, as they do with the other engines.
+One WebSocket per remote app, owned by an asyncio loop in a thread of its own; the answers go to
+each request's sink from that thread, as the pool's own engine delivers them.
 """
 from __future__ import annotations
 
@@ -15,29 +15,26 @@ import asyncio
 import base64
 import collections
 import concurrent.futures
-import itertools
 import json
 import logging
 import threading
 import time
-from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import httpx
 import websockets
 
-from ..config import default_models
-from ..engine import GenerateRequest, TokenStream, Usage, WireCalls, no_such_model
-from ..errors import AmphibiaError, InferenceTimeout, InvalidInput, LLMError
-from ..host.context import current
-from ..pool import wire
-from ..pool.broker import error_from_wire
+from ..config import AppSpec, default_models
+from ..errors import AmphibiaError, InvalidInput, LLMError
+from ..inference.engine import Cancel, CallSink, GenerationSink
+from ..inference.pool import jobs, wire
+from ..inference.types import Call, Generation
 
 log = logging.getLogger("amphibia.notebook")
 # The bridge closes a connection that sends more than 50 messages in a second; stay well below.
 MAX_SENDS_PER_S = 40
-_ids = itertools.count(1)
+UNKNOWN_CONTEXT = 2048  # a model the defaults do not know: the remote gateway checks against its own value
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -58,19 +55,30 @@ def token_claims(token: str) -> dict[str, Any]:
         raise InvalidInput("that is not a bridge token (get one from GET /bridge/token?app=NAME)") from None
 
 
+class _Pending:
+    """A request waiting for the bridge's answers: its sink, and how wire messages reach it."""
+
+    def __init__(self, sink: GenerationSink | CallSink, deliver: Callable[[wire.Message, Any], bool]) -> None:
+        self.sink, self._deliver = sink, deliver
+
+    def deliver(self, msg: wire.Message) -> bool:
+        """Hand `msg` to the sink; True once the request has ended."""
+        return self._deliver(msg, self.sink)
+
+
 class _Link:
     """One open bridge socket, acting as one remote app."""
 
     def __init__(self, ws: Any, app: str) -> None:
         self.ws, self.app = ws, app
-        self.pending: dict[str, TokenStream | concurrent.futures.Future] = {}
+        self.pending: dict[str, _Pending] = {}  # touched only on the bridge's loop
         self.sent: collections.deque[float] = collections.deque()  # when recent frames went out
         self.pace = asyncio.Lock()  # made on the loop, in _open
         self.closed: str | None = None
 
 
-class BridgeEngine(WireCalls):
-    """`engine.Engine` whose model runs in a remote gateway's pool, reached over `/bridge`.
+class BridgeEngine:
+    """An inference engine whose model runs in a remote gateway's pool, reached over `/bridge`.
 
     `token`: a bridge token (all calls then act as the app it names). Without one, tokens are
     fetched from the gateway for the app making the call, or for `app` when given.
@@ -85,7 +93,9 @@ class BridgeEngine(WireCalls):
             health = httpx.get(f"{self.base}/healthz", timeout=timeout_s).json()
         except (httpx.HTTPError, ValueError) as exc:
             raise LLMError(f"no Amphibia gateway answers at {self.base}: {exc}") from None
-        self.models: list[str] = list(health.get("models", []))
+        known = default_models()
+        self._models: dict[str, int] = {
+            name: known[name].n_ctx if name in known else UNKNOWN_CONTEXT for name in health.get("models", [])}
         self.served_apps: list[str] = list(health.get("apps", []))
         self.workers: int | None = health.get("workers")
         self._loop = asyncio.new_event_loop()
@@ -98,17 +108,10 @@ class BridgeEngine(WireCalls):
 
     def __repr__(self) -> str:
         who = f" as app {self.app!r}" if self.app else ""
-        return f"<BridgeEngine {self.ws_base}/bridge{who}: models {', '.join(self.models)}; {self.workers} worker(s)>"
+        return (f"<BridgeEngine {self.ws_base}/bridge{who}: models {', '.join(self._models)}; "
+                f"{self.workers} worker(s)>")
 
     # --- connections ------------------------------------------------------------------------------
-    def _remote_app(self) -> str:
-        if self.app:
-            return self.app
-        ctx = current.get(None)
-        if ctx is None:
-            raise InvalidInput("outside an app, pass app=NAME to connect() to say which app the calls act as")
-        return ctx.app.name
-
     def _fetch_token(self, app: str) -> str:
         res = httpx.get(f"{self.base}/bridge/token", params={"app": app}, timeout=10)
         if res.status_code == 404:
@@ -145,24 +148,9 @@ class BridgeEngine(WireCalls):
         try:
             async for frame in link.ws:
                 msg = wire.decode(frame, (wire.Token, wire.Done, wire.Failed, wire.Result))
-                waiter = link.pending.get(msg.id)
-                if waiter is None:
-                    continue  # the last words about a cancelled request
-                if isinstance(msg, wire.Token) and isinstance(waiter, TokenStream):
-                    waiter.put(msg.text)
-                    continue
-                del link.pending[msg.id]
-                if isinstance(msg, wire.Failed):
-                    error = error_from_wire(msg.error_type, msg.message)
-                    if isinstance(waiter, TokenStream):
-                        waiter.fail(error)
-                    elif not waiter.done():
-                        waiter.set_exception(error)
-                elif isinstance(msg, wire.Done) and isinstance(waiter, TokenStream):
-                    waiter.finish(Usage(msg.prompt_tokens, msg.generated_tokens), msg.finish_reason)
-                elif isinstance(msg, wire.Result) and isinstance(waiter, concurrent.futures.Future):
-                    if not waiter.done():
-                        waiter.set_result(msg.value)
+                pending = link.pending.get(msg.id)  # None: the last words about a cancelled request
+                if pending is not None and pending.deliver(msg):
+                    del link.pending[msg.id]
         except websockets.ConnectionClosed as exc:
             why = f"code {exc.rcvd.code} {exc.rcvd.reason!r}" if exc.rcvd else "the connection dropped"
         except wire.ProtocolError as exc:
@@ -172,15 +160,12 @@ class BridgeEngine(WireCalls):
             if link.ws.close_code is not None and link.ws.close_code != 1000:
                 why = f"code {link.ws.close_code} {link.ws.close_reason!r}"
             error = LLMError(f"the bridge to {self.base} (app {link.app!r}) closed: {why}")
-            for waiter in link.pending.values():
-                if isinstance(waiter, TokenStream):
-                    waiter.fail(error)
-                elif not waiter.done():
-                    waiter.set_exception(error)
+            for pending in link.pending.values():
+                pending.sink.fail(error)
             link.pending.clear()
             await link.ws.close()
 
-    async def _send(self, link: _Link, msg: wire.Message, waiter: Any = None) -> None:
+    async def _send(self, link: _Link, msg: wire.Message, pending: _Pending | None = None) -> None:
         if link.closed is not None:
             raise LLMError(f"the bridge to {self.base} (app {link.app!r}) closed: {link.closed}")
         async with link.pace:  # at most MAX_SENDS_PER_S in any second, rather than be closed as a flood
@@ -190,55 +175,40 @@ class BridgeEngine(WireCalls):
             if len(link.sent) >= MAX_SENDS_PER_S:
                 await asyncio.sleep(1.0 - (now - link.sent[0]) + 0.01)
             link.sent.append(time.monotonic())
-            if waiter is not None:
-                link.pending[msg.id] = waiter
+            if pending is not None:
+                link.pending[msg.id] = pending
             await link.ws.send(msg.encode())
 
-    def _submit(self, msg: wire.Message, waiter: Any) -> _Link:
-        link = self._link(self._remote_app())
+    def _submit(self, caller: AppSpec, msg: wire.Assign | wire.Call, pending: _Pending) -> Cancel:
+        """Send `msg` as the remote app (this engine's, else the caller's); the answers go to `pending`."""
+        link = self._link(self.app or caller.name)
         try:
-            asyncio.run_coroutine_threadsafe(self._send(link, msg, waiter), self._loop).result(30)
+            asyncio.run_coroutine_threadsafe(self._send(link, msg, pending), self._loop).result(30)
         except websockets.ConnectionClosed as exc:
             raise LLMError(f"the bridge to {self.base} closed: {exc}") from None
-        return link
 
-    # --- engine.Engine ------------------------------------------------------------------------------
-    def has_model(self, model: str) -> bool:
-        return model in self.models
-
-    def context_size(self, model: str) -> int:
-        if model not in self.models:
-            raise no_such_model(model, self.models)
-        known = default_models().get(model)
-        return known.n_ctx if known else 2048  # the remote gateway checks params against its own value
-
-    def generate(self, request: GenerateRequest, timeout_s: float = 120.0) -> TokenStream:
-        stream = TokenStream(timeout_s)
-        msg = wire.Assign(id=f"n{next(_ids)}", model=request.model, params=asdict(request.params),
-                          prompt=request.prompt,
-                          messages=[dict(m) for m in request.messages] if request.messages is not None else None)
-        link = self._submit(msg, stream)
-
-        def cancel() -> None:
+        def cancel() -> None:  # the gateway ends the request (a generation: "done", "cancelled")
             def send() -> None:
-                if link.pending.pop(msg.id, None) is not None and link.closed is None:
+                if msg.id in link.pending and link.closed is None:
                     asyncio.ensure_future(self._send(link, wire.Cancel(msg.id)))
-            self._loop.call_soon_threadsafe(send)
 
-        stream.on_cancel = cancel
-        return stream
+            try:
+                self._loop.call_soon_threadsafe(send)
+            except RuntimeError:  # the engine was closed: nothing is left to cancel
+                pass
 
-    def _call(self, model: str, method: str, args: dict, timeout_s: float) -> Any:
-        if model not in self.models:
-            raise no_such_model(model, self.models)
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        msg = wire.Call(id=f"n{next(_ids)}", model=model, method=method, args=args)
-        link = self._submit(msg, future)
-        try:
-            return future.result(timeout_s)
-        except concurrent.futures.TimeoutError:
-            self._loop.call_soon_threadsafe(link.pending.pop, msg.id, None)
-            raise InferenceTimeout(f"{method} did not finish within {timeout_s:g} s") from None
+        return cancel
+
+    # --- inference.engine.Engine ----------------------------------------------------------------------
+    def models(self) -> Mapping[str, int]:
+        return self._models
+
+    def generate(self, caller: AppSpec, generation: Generation, sink: GenerationSink) -> Cancel:
+        msg = jobs.assign_message(jobs.next_id("n"), generation, generation.resume_text, generation.resume_tokens)
+        return self._submit(caller, msg, _Pending(sink, jobs.deliver_generation))
+
+    def call(self, caller: AppSpec, call: Call, sink: CallSink) -> Cancel:
+        return self._submit(caller, jobs.call_message(jobs.next_id("n"), call), _Pending(sink, jobs.deliver_call))
 
     def close(self) -> None:
         async def shut() -> None:

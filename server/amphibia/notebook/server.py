@@ -14,7 +14,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -25,6 +24,10 @@ import httpx
 
 from ..config import Config, Limits, PoolConfig, ServerConfig
 from ..errors import AmphibiaError
+from ..http.app import create_app
+from ..http.gateway import LoadedApp
+from ..inference.pool.spawn import spawn_worker
+from ..inference.pool.spawn import stop_worker as stop_process
 from ..loopback import free_port, serve_in_thread
 from .apps import NotebookApp, with_overrides
 from .session import Session
@@ -56,8 +59,6 @@ class BackgroundGateway:
                  workers: int | Iterable[str] = 1, slots: int = 2, quantum_tokens: int = 16, max_queue: int = 256,
                  limits: Limits | dict | None = None, guest_threads: int = 16, threads: int | None = None,
                  port: int | None = None, start_timeout_s: float = 120.0) -> None:
-        from ..gateway import create_app
-
         self.session = session
         named = dict(apps) if isinstance(apps, Mapping) else {a.name: a for a in apps}
         ids = [f"w{i + 1}" for i in range(workers)] if isinstance(workers, int) else list(workers)
@@ -95,8 +96,6 @@ class BackgroundGateway:
     # --- apps -----------------------------------------------------------------------------------------
     def add(self, app: NotebookApp, name: str | None = None, **overrides: Any) -> str:
         """Serve `app` (as `name`, with other `limits` or `weight`) from now on; returns its URL."""
-        from ..gateway import LoadedApp
-
         spec = self._spec(app, name, **overrides)
         component = self.gateway.runtime.load(app.build.wasm, app.build.sha256)
         self.config.apps[spec.name] = spec
@@ -129,17 +128,13 @@ class BackgroundGateway:
     # --- workers --------------------------------------------------------------------------------------
     def start_worker(self, worker_id: str, slots: int = 2, model: str = "smollm2") -> subprocess.Popen:
         """A real worker process (`amphibia worker`) that dials this gateway's pool; its log goes to a file."""
-        cmd = [sys.executable, "-m", "amphibia.cli", "worker", "--gateway", f"ws://{self.host}:{self.port}/pool",
-               "--model", model, "--slots", str(slots), "--worker-id", worker_id, "--threads", str(self.threads),
-               "--config", str(self._models_toml())]
-        log = open(self.log_dir / f"worker-{worker_id}.log", "ab")
         # A process group of its own: ipykernel signals the children in its group at shutdown and
         # then waits for them to vanish, which a terminated but unreaped worker never does; these
         # workers are stopped by `stop` (atexit) instead, or by the kernel's death (PDEATHSIG).
-        proc = subprocess.Popen(cmd, env={**os.environ, "AMPHIBIA_POOL_TOKEN": self.token}, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_die_with_parent if _prctl is not None else None)
-        log.close()
+        proc = spawn_worker(f"ws://{self.host}:{self.port}/pool", self.token, model=model, slots=slots,
+                            worker_id=worker_id, threads=self.threads, config=self._models_toml(),
+                            log_file=self.log_dir / f"worker-{worker_id}.log", own_session=True,
+                            preexec=_die_with_parent if _prctl is not None else None)
         self.workers[worker_id] = proc
         return proc
 
@@ -159,13 +154,8 @@ class BackgroundGateway:
 
     def stop_worker(self, worker_id: str) -> None:
         proc = self.workers.pop(worker_id, None)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        if proc is not None:
+            stop_process(proc)
 
     def worker_log(self, worker_id: str) -> str:
         return (self.log_dir / f"worker-{worker_id}.log").read_text(errors="replace")
@@ -224,7 +214,7 @@ def page_url(gateway: BackgroundGateway | str, name: str) -> str:
 def serve(session: Session, *apps: NotebookApp) -> BackgroundGateway:
     """The session's background gateway (started on first use, with one worker), serving `apps` too."""
     gateway = session.gateway
-    if gateway is None or gateway.stopped:
+    if not isinstance(gateway, BackgroundGateway) or gateway.stopped:
         gateway = session.gateway = BackgroundGateway(session, apps, workers=["notebook"], slots=2)
     for app in apps:
         served = gateway.gateway.apps.get(app.name)

@@ -1,7 +1,9 @@
-"""The kernel's one session: a Runtime, the engine behind it, the apps loaded, the gateways started.
+"""The kernel's one session: a Runtime, the inference service and engine behind it, the apps loaded,
+the gateways started.
 
 A notebook experiments in one process for hours; everything expensive (the model, the wasmtime
-engine, compiled components) is made once here and reused by every cell.
+engine, compiled components) is made once here and reused by every cell. This module knows nothing
+of apps or gateways beyond the `Stoppable` they are to it, so they can import it and not the reverse.
 """
 from __future__ import annotations
 
@@ -12,18 +14,23 @@ import os
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Iterator, Protocol
 
 from ..config import Config, ServerConfig, default_models
-from ..engine import Engine
-from ..host.llm import LlmHost
-from ..local_engine import LocalEngine
-from ..runtime import Runtime
+from ..inference.engine import Engine
+from ..inference.inprocess import InProcessEngine
+from ..inference.service import InferenceService
+from ..sandbox.llm_host import LlmHost
+from ..sandbox.runtime import Runtime
 from .engines import EngineSwitch
 
-if TYPE_CHECKING:
-    from .apps import NotebookApp
-    from .server import BackgroundGateway
+
+class Stoppable(Protocol):
+    """What the session needs of a gateway a notebook started: to stop it when the kernel ends."""
+
+    stopped: bool
+
+    def stop(self) -> None: ...
 
 
 def default_config() -> Config:
@@ -72,19 +79,23 @@ class GuestOutput(logging.Handler):
 
 
 class Session:
-    """Everything a kernel shares. `engine`: an engine to use instead of loading the model (tests)."""
+    """Everything a kernel shares. `engine`: an engine to use instead of loading the model (tests).
+
+    `engine` is the switch the kernel's `llm` calls go through (the in-process model or a remote
+    pool, see `connect`); `service` is the inference service over it that the Runtime's guests use.
+    """
 
     def __init__(self, config: Config | None = None, engine: Engine | None = None) -> None:
         self.config = config or default_config()
-        self.engine = EngineSwitch(lambda: LocalEngine(self.config.models), local=engine)
-        self.runtime = Runtime([LlmHost(self.engine)], self.config.server.cache_dir,
+        self.engine = EngineSwitch(lambda: InProcessEngine(self.config.models), local=engine)
+        self.service = InferenceService(self.engine)
+        self.runtime = Runtime([LlmHost(self.service)], self.config.server.cache_dir,
                                self.config.server.guest_threads, self.config.server.queue_limit)
-        self.apps: dict[str, NotebookApp] = {}
-        self.gateways: list[BackgroundGateway] = []
-        self.gateway: BackgroundGateway | None = None  # the one `serve` and `show` use
+        self.apps: dict[str, Any] = {}  # name -> the NotebookApp loaded under it (`apps.load`)
+        self.gateways: list[Stoppable] = []  # every BackgroundGateway started, stopped with the session
+        self.gateway: Stoppable | None = None  # the BackgroundGateway `serve` and `show` use
         self.output = GuestOutput()
         self.output.install()
-        self._lock = threading.Lock()
         self.closed = False
 
     def close(self) -> None:

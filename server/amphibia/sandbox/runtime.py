@@ -26,11 +26,11 @@ from typing import Iterator, Sequence
 import wasmtime
 from wasmtime.component import Component, Linker, Record
 
-from .config import AppSpec
-from .errors import AmphibiaError, Busy, GuestError, GuestOutOfMemory, GuestTimeout
-from .host import HostCapability
-from .host import wit_values
-from .host.context import RequestContext, current
+from ..config import AppSpec
+from ..errors import AmphibiaError, Busy, GuestError, GuestOutOfMemory, GuestTimeout
+from . import wit_values
+from .capability import HostCapability
+from .context import RequestContext, current
 
 log = logging.getLogger("amphibia.runtime")
 guest_log = logging.getLogger("amphibia.guest")
@@ -56,10 +56,10 @@ class HttpResponse:
 
 
 class EpochClock:
-    """Advances the engine's epoch every TICK_S; deadlines are counted in these ticks."""
+    """Advances the wasmtime epoch every TICK_S; deadlines are counted in these ticks."""
 
-    def __init__(self, engine: wasmtime.Engine) -> None:
-        self.engine = engine
+    def __init__(self, wasm: wasmtime.Engine) -> None:
+        self.wasmtime = wasm
         self.ticks = 0  # written by the clock thread only; readers tolerate a stale value by a tick
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="amphibia-epoch", daemon=True)
@@ -67,7 +67,7 @@ class EpochClock:
 
     def _run(self) -> None:
         while not self._stop.wait(TICK_S):
-            self.engine.increment_epoch()
+            self.wasmtime.increment_epoch()
             self.ticks += 1
 
     def close(self) -> None:
@@ -117,8 +117,8 @@ class GuestOutput:
 class ComponentCache:
     """Compiled components in memory and on disk, keyed by component hash + wasmtime version."""
 
-    def __init__(self, engine: wasmtime.Engine, cache_dir: Path) -> None:
-        self.engine = engine
+    def __init__(self, wasm: wasmtime.Engine, cache_dir: Path) -> None:
+        self.wasmtime = wasm
         self.dir = Path(cache_dir)
         self._mem: dict[str, Component] = {}
         self._lock = threading.Lock()  # guards _mem; compiles of different apps may run in parallel
@@ -133,12 +133,12 @@ class ComponentCache:
         component = None
         if path.is_file():
             try:
-                component = Component.deserialize_file(self.engine, str(path))
+                component = Component.deserialize_file(self.wasmtime, str(path))
             except wasmtime.WasmtimeError as exc:  # stale or damaged: compile again
                 log.warning("discarding cached component %s: %s", path.name, exc)
         if component is None:
             started = time.perf_counter()
-            component = Component.from_file(self.engine, str(wasm))
+            component = Component.from_file(self.wasmtime, str(wasm))
             log.info("compiled %s in %.1f s", wasm, time.perf_counter() - started)
             self.dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
@@ -186,10 +186,10 @@ class Runtime:
         wit_values.install()
         config = wasmtime.Config()
         config.epoch_interruption = True
-        self.engine = wasmtime.Engine(config)
-        self.clock = EpochClock(self.engine)
-        self.cache = ComponentCache(self.engine, cache_dir)
-        self.linker = Linker(self.engine)
+        self.wasmtime = wasmtime.Engine(config)
+        self.clock = EpochClock(self.wasmtime)
+        self.cache = ComponentCache(self.wasmtime, cache_dir)
+        self.linker = Linker(self.wasmtime)
         self.linker.add_wasip2()
         with self.linker.root() as root:
             for interface in WORLD_TYPES:
@@ -197,8 +197,8 @@ class Runtime:
                     pass
             for capability in capabilities:
                 capability.add_to_linker(root)
-        # Guests block (on the CPU or on the engine) in these threads, never on the event loop.
-        self.pool = ThreadPoolExecutor(guest_threads, thread_name_prefix="guest")
+        # Guests block (on the CPU or on inference) in these threads, never on the event loop.
+        self.guest_threads = ThreadPoolExecutor(guest_threads, thread_name_prefix="guest")
         self.capacity = guest_threads + queue_limit
         self.in_flight = 0  # only touched on the event loop thread (handle_async)
 
@@ -207,7 +207,7 @@ class Runtime:
 
     def handle(self, app: AppSpec, component: Component, request: HttpRequest, request_id: str) -> HttpResponse:
         """Serve one request in a fresh instance. Blocking: call from a guest thread."""
-        store = wasmtime.Store(self.engine)
+        store = wasmtime.Store(self.wasmtime)
         out, err = GuestOutput(app.name, request_id, "stdout"), GuestOutput(app.name, request_id, "stderr")
         wasi = wasmtime.WasiConfig()  # no env, no args; sockets stay denied (wasmtime-py has no grant)
         for folder in app.files:  # read-only, and only what the app's manifest names
@@ -250,12 +250,12 @@ class Runtime:
         self.in_flight += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.pool, self.handle, app, component, request, request_id)
+            return await loop.run_in_executor(self.guest_threads, self.handle, app, component, request, request_id)
         finally:
             self.in_flight -= 1
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.guest_threads.shutdown(wait=False, cancel_futures=True)
         self.clock.close()
 
 

@@ -1,4 +1,4 @@
-"""The wire protocol between the gateway and the pool's workers: every message type, defined once.
+"""The wire protocol of the pool's workers and the browser bridge: every message type, defined once.
 
 Messages are JSON text frames `{"type": ..., ...}`. `decode` refuses anything that is not exactly
 one of these (unknown type, missing or mistyped field, oversized frame) with `ProtocolError`, so a
@@ -10,16 +10,22 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # checked at hello: a worker of another version is refused with a clear reason
 MAX_FRAME_BYTES = 1 << 20
-# Close codes (4000-4999 are the application's own range)
-CLOSE_BAD_TOKEN = 4401
+# Close codes of the pool's and the bridge's sockets (4000-4999 are the application's own range)
 CLOSE_PROTOCOL = 4400
+CLOSE_BAD_TOKEN = 4401
+CLOSE_ORIGIN = 4403  # bridge: the page's origin is not the token's or not allowed
+CLOSE_FLOOD = 4429  # bridge: too many messages
 CLOSE_TOO_BIG = 1009
 
 
 class ProtocolError(ValueError):
-    pass
+    """A frame that breaks the protocol; `code` is the WebSocket close code that says so."""
+
+    def __init__(self, message: str, code: int = CLOSE_PROTOCOL) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -45,12 +51,10 @@ class Hello(Message):
 
 @dataclass
 class Heartbeat(Message):
-    """Liveness, load, and the ids of every generation the worker holds (running or waiting), so
-    the broker can reconcile: re-place what the worker does not know and cancel what it should not hold."""
+    """Liveness, and the ids of every generation the worker holds (running or waiting), so the broker
+    can reconcile: re-place what the worker does not know and cancel what it should not hold."""
 
     type: ClassVar[str] = "heartbeat"
-    running: int
-    free_slots: int
     jobs: list[str] = field(default_factory=list)
 
 
@@ -99,10 +103,13 @@ class Result(Message):
 
 @dataclass
 class Failed(Message):
+    """A request failed; `error_type` is a kind of `errors.LLM_ERRORS`, `retry_after_ms` its retry hint."""
+
     type: ClassVar[str] = "failed"
     id: str
     error_type: str
     message: str
+    retry_after_ms: int = 0
 
 
 # --- gateway -> worker ------------------------------------------------------------------------
@@ -164,7 +171,7 @@ def decode(frame: str | bytes, allowed: tuple[type[Message], ...] | None = None)
     if isinstance(frame, bytes):
         raise ProtocolError("binary frames are not part of the protocol")
     if len(frame) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame of {len(frame)} bytes is over the {MAX_FRAME_BYTES} limit")
+        raise ProtocolError(f"frame of {len(frame)} bytes is over the {MAX_FRAME_BYTES} limit", CLOSE_TOO_BIG)
     try:
         data = json.loads(frame)
     except ValueError as exc:

@@ -1,6 +1,7 @@
-"""`/apps/{name}/browser/...`: the app's browser build (jco output), served for pages.
+"""Files pages load: an app's browser build (`/apps/{name}/browser/...`), model weights for the
+visitor's device (`/models/...`), and the CORS rules that let pages on any origin load them.
 
-Only files listed in the app's build manifest are served, so no path outside the build can be
+Browser builds: only files listed in the app's build manifest are served, so no path outside the build can be
 asked for. Under `@{version}/` (the first 16 hex digits of the component's sha256) a file is
 immutable and cached for a year; without it, it is revalidated by ETag. Text and wasm are
 compressed once per file and encoding (brotli where the browser takes it, else gzip) and kept in memory.
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 from pathlib import Path
 
 import brotli
-
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, Response
+
+from ..config import Config, ConfigError, ModelSpec
+from ..errors import NotFound
+from .gateway import gateway_of
 
 MEDIA_TYPES = {".js": "text/javascript; charset=utf-8", ".wasm": "application/wasm", ".ts": "text/plain; charset=utf-8"}
 # (file sha256, encoding) -> compressed body; content-addressed, so never stale.
@@ -27,8 +32,13 @@ ENCODERS = {
 }
 
 
-def _not_found(message: str) -> Response:
-    return JSONResponse({"error": {"type": "not_found", "message": message}}, 404)
+def _validators(tag: str, versioned: bool) -> dict[str, str]:
+    """A versioned URL never changes (cached for a year); a plain one is revalidated by its ETag."""
+    return {"etag": f'"{tag}"', "cache-control": "public, max-age=31536000, immutable" if versioned else "no-cache"}
+
+
+def _not_modified(request: Request, headers: dict[str, str]) -> bool:
+    return headers["etag"] in request.headers.get("if-none-match", "")
 
 
 def version_of(manifest: dict) -> str:
@@ -36,29 +46,24 @@ def version_of(manifest: dict) -> str:
 
 
 async def browser_file(request: Request) -> Response:
-    gateway = request.app.state.gateway
+    gateway = gateway_of(request)
     name, path = request.path_params["name"], request.path_params["path"]
     app = gateway.apps.get(name)
     if app is None:
-        return _not_found(f"no app named {name!r}")
+        raise NotFound(f"no app named {name!r}")
     files: dict[str, str] = app.manifest.get("browser") or {}
     if not files:
-        return _not_found(f"app {name!r} has no browser build (jco is installed by `make`)")
+        raise NotFound(f"app {name!r} has no browser build (jco is installed by `make`)")
     version = None
     if path.startswith("@"):
         version, _, path = path[1:].partition("/")
         if version != version_of(app.manifest):
-            return _not_found(f"version {version} of {name!r} is not served (current: {version_of(app.manifest)})")
+            raise NotFound(f"version {version} of {name!r} is not served (current: {version_of(app.manifest)})")
     sha = files.get(path)
     if sha is None:
-        return _not_found(f"{path!r} is not part of {name!r}'s browser build")
-    etag = f'"{sha[:32]}"'
-    headers = {
-        "etag": etag,
-        "cache-control": "public, max-age=31536000, immutable" if version else "no-cache",
-        "vary": "accept-encoding",
-    }
-    if etag in request.headers.get("if-none-match", ""):
+        raise NotFound(f"{path!r} is not part of {name!r}'s browser build")
+    headers = {**_validators(sha[:32], versioned=version is not None), "vary": "accept-encoding"}
+    if _not_modified(request, headers):
         return Response(status_code=304, headers=headers)
     media_type = MEDIA_TYPES.get(Path(path).suffix, "application/octet-stream")
     file = app.spec.path / ".amphibia" / "browser" / path
@@ -74,6 +79,50 @@ async def browser_file(request: Request) -> Response:
     else:
         body = await asyncio.to_thread(file.read_bytes)
     return Response(body, media_type=media_type, headers=headers)
+
+
+# --- model weights ------------------------------------------------------------------------------------
+# Browsers fetch a GGUF once and keep it (wllama stores it in OPFS, keyed by URL), so pages ask for the
+# versioned URL `/models/@{version}/{name}.gguf`, where the version changes whenever the file does, and
+# that URL is cached for a year; the plain URL is revalidated by ETag. Both support HTTP Range requests
+# (Starlette's FileResponse), for resumable and parallel downloads.
+def model_version(path: Path) -> str:
+    """Changes when the file does; cheap (no hashing of 100 MB per start)."""
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def browser_model(config: Config, name: str) -> dict | None:
+    """What a page needs to decide about running model `name` locally, or None if it may not."""
+    spec: ModelSpec | None = config.models.get(name)
+    if spec is None or not spec.browser:
+        return None
+    try:
+        path = spec.gguf_path()
+    except ConfigError:
+        return None
+    return {"name": name, "url": f"/models/@{model_version(path)}/{name}.gguf", "bytes": path.stat().st_size,
+            "n_ctx": spec.n_ctx}
+
+
+async def model_file(request: Request) -> Response:
+    config = gateway_of(request).config
+    name, version = request.path_params["name"], request.path_params.get("version")
+    spec = config.models.get(name)
+    if spec is None or not spec.browser:
+        raise NotFound(f"model {name!r} is not served to browsers")
+    path = spec.gguf_path()
+    current = model_version(path)
+    if version is not None and version != current:
+        raise NotFound(f"version {version} of {name!r} is gone (current: {current})")
+    headers = {
+        **_validators(current, versioned=version is not None),
+        # (CORS and CORP come from PublicAssets, as for every public asset.)
+        "access-control-expose-headers": "content-length, content-range, etag, accept-ranges",
+    }
+    if _not_modified(request, headers):
+        return Response(status_code=304, headers=headers)
+    return FileResponse(path, media_type="application/octet-stream", headers=headers)
 
 
 PUBLIC_PREFIXES = ("/amphibia/", "/api/apps", "/models/")

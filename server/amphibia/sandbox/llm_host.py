@@ -1,7 +1,8 @@
-"""The `amphibia:ai/llm` host interface: WIT values in, `engine.Engine` calls, WIT values out.
+"""The `amphibia:ai/llm` host interface: WIT values in, the inference service, WIT values out.
 
-Everything model-specific lives behind the engine; this module only translates, checks what the
-app may use, and maps errors onto the WIT `error` variant.
+Each function runs on the guest's thread and blocks while the host works (the guest's CPU deadline
+is paused meanwhile). The app on whose behalf it runs is the caller the service is given; errors
+become the WIT `error` variant through the one table in `errors`.
 """
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from typing import Any, Callable
 from wasmtime.component import LinkerInstance, Record, ResourceHost, ResourceType, Variant
 
 from .. import errors
-from ..engine import Engine, GenerateRequest, SamplingParams, TokenStream
+from ..inference.service import InferenceService
+from ..inference.stream import TokenStream
+from ..inference.types import Generation, SamplingParams
 from .context import RequestContext, current
 
 INTERFACE = "amphibia:ai/llm@0.1.0"
 TOKEN_STREAM = 1  # our host-defined resource type id for `token-stream`
-MAX_EMBED_TEXTS = 256
 log = logging.getLogger("amphibia.llm")
 
 
@@ -28,15 +30,12 @@ def _record(**fields: Any) -> Record:
 
 
 def to_wit_error(exc: errors.AmphibiaError) -> Variant:
-    if isinstance(exc, errors.ModelNotSupported):
-        return Variant("model-not-supported")
-    if isinstance(exc, errors.InvalidInput):
-        return Variant("invalid-input", exc.message)
-    if isinstance(exc, errors.Overloaded):
-        return Variant("overloaded", int(exc.retry_after_ms))
-    if isinstance(exc, errors.InferenceTimeout):
-        return Variant("timeout", exc.message)
-    return Variant("runtime-error", exc.message)
+    error = errors.as_llm_error(exc)
+    if error.wit == "model-not-supported":
+        return Variant(error.wit)
+    if error.wit == "overloaded":
+        return Variant(error.wit, errors.retry_after_ms(error))
+    return Variant(error.wit, error.message)
 
 
 def params_from_wit(params: Any) -> SamplingParams:
@@ -58,20 +57,8 @@ def params_from_wit(params: Any) -> SamplingParams:
 class LlmHost:
     interface = INTERFACE
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    # --- checks shared by every call ----------------------------------------------------------------
-    def model_for(self, ctx: RequestContext, model: str) -> str:
-        """The app's default for "", else `model` if this host serves it and the app may use it."""
-        model = model or ctx.app.model
-        if not self.engine.has_model(model):
-            raise errors.ModelNotSupported(f"model {model!r} is not served here")
-        if not ctx.app.allows(model):
-            raise errors.InvalidInput(
-                f"app {ctx.app.name!r} may not use model {model!r}; add it to allowed_models in the "
-                f"app's app.toml or its [apps.{ctx.app.name}] table in amphibia.toml")
-        return model
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
 
     def _guard(self, fn: Callable[..., Any], method: bool = False) -> Callable[..., Any]:
         """Run `fn` with the request's context, outside the guest's CPU deadline, errors as WIT values.
@@ -92,41 +79,37 @@ class LlmHost:
                 return to_wit_error(exc)
             except Exception as exc:  # a host bug must not trap the guest or kill the server
                 log.exception("app=%s request=%s llm.%s failed", ctx.app.name, ctx.request_id, fn.__name__)
-                return Variant("runtime-error", f"internal error: {exc}")
+                return to_wit_error(errors.LLMError(f"internal error: {exc}"))
 
         return call
 
-    def _request(self, ctx: RequestContext, model: str, params: Any, prompt: str | None = None,
-                 messages: Any = None) -> GenerateRequest:
-        model = self.model_for(ctx, model)
+    def _generation(self, ctx: RequestContext, model: str, params: Any, prompt: str | None = None,
+                    messages: Any = None) -> Generation:
         if messages is not None:
-            messages = tuple({"role": m.role, "content": m.content} for m in messages)
-        elif not prompt:
-            raise errors.InvalidInput("prompt must not be empty")
-        return GenerateRequest(model=model, prompt=prompt, messages=messages, params=params_from_wit(params),
-                               app=ctx.app.name, request_id=ctx.request_id)
+            messages = [{"role": m.role, "content": m.content} for m in messages]
+        return self.service.generation(ctx.app, model=model, prompt=prompt, messages=messages,
+                                       params=params_from_wit(params), request_id=ctx.request_id)
 
-    def _complete(self, ctx: RequestContext, request: GenerateRequest) -> Record:
-        out = self.engine.generate(request, ctx.app.limits.llm_timeout_s).collect()
+    def _complete(self, ctx: RequestContext, generation: Generation) -> Record:
+        out = self.service.stream(ctx.app, generation).collect()
         return _record(text=out.text, usage=_record(prompt_token_count=out.usage.prompt_tokens,
                                                     generated_token_count=out.usage.generated_tokens))
 
-    def _open_stream(self, ctx: RequestContext, request: GenerateRequest) -> ResourceHost:
-        stream = self.engine.generate(request, ctx.app.limits.llm_timeout_s)
-        return ResourceHost.own(ctx.add_resource(stream), TOKEN_STREAM)
+    def _open_stream(self, ctx: RequestContext, generation: Generation) -> ResourceHost:
+        return ResourceHost.own(ctx.add_resource(self.service.stream(ctx.app, generation)), TOKEN_STREAM)
 
     # --- the interface's functions ----------------------------------------------------------------------
     def infer(self, ctx: RequestContext, model: str, prompt: str, params: Any) -> Record:
-        return self._complete(ctx, self._request(ctx, model, params, prompt=prompt))
+        return self._complete(ctx, self._generation(ctx, model, params, prompt=prompt))
 
     def chat(self, ctx: RequestContext, model: str, messages: Any, params: Any) -> Record:
-        return self._complete(ctx, self._request(ctx, model, params, messages=messages))
+        return self._complete(ctx, self._generation(ctx, model, params, messages=messages))
 
     def infer_stream(self, ctx: RequestContext, model: str, prompt: str, params: Any) -> ResourceHost:
-        return self._open_stream(ctx, self._request(ctx, model, params, prompt=prompt))
+        return self._open_stream(ctx, self._generation(ctx, model, params, prompt=prompt))
 
     def chat_stream(self, ctx: RequestContext, model: str, messages: Any, params: Any) -> ResourceHost:
-        return self._open_stream(ctx, self._request(ctx, model, params, messages=messages))
+        return self._open_stream(ctx, self._generation(ctx, model, params, messages=messages))
 
     def stream_next(self, ctx: RequestContext, rep: int) -> str | None:
         stream: TokenStream | None = ctx.resources.get(rep)
@@ -134,18 +117,18 @@ class LlmHost:
             raise errors.InvalidInput("token stream is closed")
         return stream.next_piece()
 
+    def _call(self, ctx: RequestContext, model: str, method: str, args: dict) -> Any:
+        return self.service.run_call(ctx.app, self.service.call_request(ctx.app, model, method, args, ctx.request_id))
+
     def generate_embeddings(self, ctx: RequestContext, model: str, texts: list[str]) -> Record:
-        model = self.model_for(ctx, model)
-        if not texts or len(texts) > MAX_EMBED_TEXTS:
-            raise errors.InvalidInput(f"text must hold 1 to {MAX_EMBED_TEXTS} strings")
-        vectors, used = self.engine.embed(model, texts, ctx.app.limits.llm_timeout_s)
-        return _record(embeddings=vectors, usage=_record(prompt_token_count=used))
+        value = self._call(ctx, model, "embed", {"texts": texts})
+        return _record(embeddings=value["embeddings"], usage=_record(prompt_token_count=value["prompt_tokens"]))
 
     def tokenize(self, ctx: RequestContext, model: str, text: str) -> list[int]:
-        return self.engine.tokenize(self.model_for(ctx, model), text)
+        return self._call(ctx, model, "tokenize", {"text": text})
 
     def detokenize(self, ctx: RequestContext, model: str, tokens: list[int]) -> str:
-        return self.engine.detokenize(self.model_for(ctx, model), tokens)
+        return self._call(ctx, model, "detokenize", {"tokens": tokens})
 
     # --- wiring -----------------------------------------------------------------------------------------
     @staticmethod

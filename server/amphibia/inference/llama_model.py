@@ -1,8 +1,11 @@
-"""One GGUF model and its llama.cpp contexts, driven through llama-cpp-python's low-level API.
+"""One GGUF model and its llama.cpp context: the only module that calls llama.cpp.
 
-Not thread-safe, by design: exactly one thread owns a `LlamaModel` (see `local_engine`). The
-low-level API is used instead of `llama_cpp.Llama` because the high-level class cannot take a
-per-request repeat window or seed, and it is the base the batching worker of the pool grows from.
+Not thread-safe, by design: exactly one thread owns a `LlamaModel` (a pool worker's main thread, or
+an in-process engine's thread per model). Generation is a batch API that the batcher drives: `admit`
+a sequence into a slot, `step` one decode over every slot's next tokens, `release` the slot. The
+scheduling, text assembly, stop strings and length checks are the batcher's. The low-level API is
+used instead of `llama_cpp.Llama` because that class cannot batch sequences or take a per-request
+repeat window or seed.
 """
 from __future__ import annotations
 
@@ -10,14 +13,14 @@ import ctypes
 import math
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Mapping, Sequence
 
 import llama_cpp as L
 
-from .engine import SamplingParams, TextAssembler
-from .errors import InvalidInput, LLMError
+from ..errors import InvalidInput, LLMError
+from . import chat_template
+from .types import SamplingParams
 
 _backend_ready = False
 
@@ -29,6 +32,21 @@ def _quiet_log(level: int, text: bytes, user_data: int) -> None:
         print(text.decode(errors="replace"), end="")
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_tile" in line for line in f)
+    except OSError:
+        return False
+
+
+# llama.cpp's AMX weight repacking (an "extra buffer type") crashes in ggml_backend_amx_mul_mat on the
+# first decode with llama-cpp-python 0.3.36 built natively on an AMX CPU (measured: SIGSEGV on this
+# project's machines). Without the extra buffers the same build decodes with its AVX-512 kernels.
+# Elsewhere the extra buffers (e.g. CPU repacking) stay on.
+USE_EXTRA_BUFFERS = not _cpu_has_amx()
+
+
 def _init_backend() -> None:
     global _backend_ready
     if not _backend_ready:
@@ -37,19 +55,13 @@ def _init_backend() -> None:
         _backend_ready = True
 
 
-@dataclass(frozen=True)
-class GenerationResult:
-    prompt_tokens: int
-    generated_tokens: int
-    finish_reason: str  # "stop" or "length"
-
-
 class LlamaModel:
     def __init__(self, path: Path, n_ctx: int = 2048, gpu_layers: int = 0, threads: int = 2, slots: int = 1) -> None:
-        """`n_ctx` is per sequence; `slots` sequences share one context (the pool's batching)."""
+        """`n_ctx` is per sequence; `slots` sequences share one context, each in its own KV stream."""
         _init_backend()
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = gpu_layers
+        mparams.use_extra_bufts = USE_EXTRA_BUFFERS
         self.model = L.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise LLMError(f"llama.cpp could not load {path}")
@@ -58,9 +70,10 @@ class LlamaModel:
         self.threads = threads
         self.slots = slots
         self.ctx = self._context(embeddings=False)
-        self.n_batch = L.llama_n_batch(self.ctx)
+        self.n_batch: int = L.llama_n_batch(self.ctx)
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
-        self._embed_ctx = None
+        self._samplers: dict[int, Any] = {}  # slot -> its sequence's sampler chain
+        self._embed_ctx: L.llama_context_p | None = None  # made on the first embed
         template = L.llama_model_chat_template(self.model, None)
         self.chat_template: str | None = template.decode() if template else None
         self.bos_token = self._token_text(L.llama_vocab_bos(self.vocab))
@@ -119,24 +132,67 @@ class LlamaModel:
             raise InvalidInput(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
         return b"".join(self.piece(t, special=True) for t in tokens).decode(errors="replace")
 
-    # --- generation ----------------------------------------------------------------------------------
-    def _decode(self, ctx: L.llama_context_p, tokens: Sequence[int], start: int, want_all: bool = False) -> None:
-        """Feed `tokens` at positions start.. in chunks of n_batch; logits for the last (or every) token."""
-        batch = self.batch
-        for offset in range(0, len(tokens), self.n_batch):
-            chunk = tokens[offset: offset + self.n_batch]
-            for i, tok in enumerate(chunk):
-                batch.token[i] = tok
-                batch.pos[i] = start + offset + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = want_all or offset + i == len(tokens) - 1
-            batch.n_tokens = len(chunk)
-            rc = L.llama_decode(ctx, batch)
-            if rc != 0:
-                raise LLMError(f"llama_decode failed with code {rc}")
+    def prompt_tokens(self, prompt: str | None, messages: Sequence[Mapping[str, str]] | None = None,
+                      resume_text: str = "") -> tuple[list[int], int]:
+        """The tokens to prefill (the prompt, or `messages` in the model's chat template, then
+        `resume_text`) and how many of them are the prompt's; InvalidInput if they do not fit."""
+        if messages is not None:
+            prompt = chat_template.render(self.chat_template, messages, self.bos_token, self.eos_token)
+        tokens = self.tokenize(prompt or "", add_special=True, parse_special=True)
+        if not tokens:
+            raise InvalidInput("prompt is empty")
+        n_prompt = len(tokens)
+        if resume_text:
+            tokens += self.tokenize(resume_text, add_special=False, parse_special=False)
+        if len(tokens) >= self.n_ctx:
+            raise InvalidInput(f"prompt is {len(tokens)} tokens; the model's context holds {self.n_ctx}")
+        return tokens, n_prompt
 
-    def sampler(self, params: SamplingParams) -> L.llama_sampler_p:
+    # --- generation: the batch API ------------------------------------------------------------------
+    def admit(self, slot: int, params: SamplingParams, remembered: Sequence[int] = ()) -> None:
+        """Make `slot` ready for a new sequence: empty KV cells and a fresh sampler that has already
+        seen `remembered` (resumed text, so the repeat penalty counts it)."""
+        self.release(slot)
+        sampler = self._sampler(params)
+        for token in remembered:
+            L.llama_sampler_accept(sampler, token)
+        self._samplers[slot] = sampler
+
+    def step(self, feeds: Sequence[tuple[int, int, int, bool]]) -> list[tuple[int, bytes, bool]]:
+        """One decode of `feeds`, each (slot, token, position, wants_logits), at most `n_batch` of them.
+        Returns, for each feed that wanted logits and in their order, the token its slot's sampler
+        picks next: (token, its bytes, whether it ends the generation)."""
+        self._decode(self.ctx, feeds)
+        sampled = []
+        for i, (slot, _token, _pos, logits) in enumerate(feeds):
+            if logits:
+                token = L.llama_sampler_sample(self._samplers[slot], self.ctx, i)
+                sampled.append((token, self.piece(token), bool(L.llama_vocab_is_eog(self.vocab, token))))
+        return sampled
+
+    def release(self, slot: int) -> None:
+        """Free `slot`'s KV cells and sampler; a free slot is left as it is."""
+        L.llama_memory_seq_rm(L.llama_get_memory(self.ctx), slot, -1, -1)
+        sampler = self._samplers.pop(slot, None)
+        if sampler is not None:
+            L.llama_sampler_free(sampler)
+
+    def _decode(self, ctx: L.llama_context_p, feeds: Sequence[tuple[int, int, int, bool]]) -> None:
+        if len(feeds) > self.n_batch:
+            raise LLMError(f"{len(feeds)} tokens do not fit a batch of {self.n_batch}")
+        batch = self.batch
+        for i, (slot, token, pos, logits) in enumerate(feeds):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = slot
+            batch.logits[i] = logits
+        batch.n_tokens = len(feeds)
+        rc = L.llama_decode(ctx, batch)
+        if rc != 0:
+            raise LLMError(f"llama_decode returned {rc}")
+
+    def _sampler(self, params: SamplingParams) -> L.llama_sampler_p:
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
             # First argument: older bindings declare an n_vocab parameter the C function no longer has;
@@ -154,56 +210,22 @@ class LlamaModel:
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
-    def prompt_tokens(self, prompt: str) -> list[int]:
-        tokens = self.tokenize(prompt, add_special=True, parse_special=True)
-        if not tokens:
-            raise InvalidInput("prompt is empty")
-        if len(tokens) >= self.n_ctx:
-            raise InvalidInput(f"prompt is {len(tokens)} tokens; the model's context holds {self.n_ctx}")
-        return tokens
-
-    def generate(self, prompt: str, params: SamplingParams, emit: Callable[[str], None],
-                 cancelled: Callable[[], bool]) -> GenerationResult:
-        """Run one generation to its end, calling `emit` with each safe-to-show piece of text."""
-        tokens = self.prompt_tokens(prompt)
-        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
-        sampler = self.sampler(params)
-        text = TextAssembler(params.stop)
-        generated, finish = 0, "length"
-        try:
-            self._decode(self.ctx, tokens, 0)
-            pos = len(tokens)
-            while generated < params.max_tokens and pos < self.n_ctx and not cancelled():
-                token = L.llama_sampler_sample(sampler, self.ctx, -1)
-                if L.llama_vocab_is_eog(self.vocab, token):
-                    finish = "stop"
-                    break
-                generated += 1
-                emit(text.feed(self.piece(token)))
-                if text.stopped:
-                    finish = "stop"
-                    break
-                self._decode(self.ctx, [token], pos)
-                pos += 1
-            emit(text.flush())
-        finally:
-            L.llama_sampler_free(sampler)
-        return GenerationResult(len(tokens), generated, finish)
-
     # --- embeddings -------------------------------------------------------------------------------
     def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
-        """Mean-pooled, L2-normalised vectors (cosine similarity is then a dot product)."""
+        """Mean-pooled, L2-normalised vectors (cosine similarity is then a dot product), and the
+        number of tokens they took."""
         if self._embed_ctx is None:
             self._embed_ctx = self._context(embeddings=True)
+        ctx = self._embed_ctx
         n_embd = L.llama_model_n_embd(self.model)
         vectors, used = [], 0
         for text in texts:
             tokens = self.tokenize(text, add_special=True, parse_special=False) or [L.llama_vocab_bos(self.vocab)]
             if len(tokens) > self.n_batch:
                 raise InvalidInput(f"text of {len(tokens)} tokens is longer than the {self.n_batch} an embedding takes")
-            L.llama_memory_clear(L.llama_get_memory(self._embed_ctx), True)
-            self._decode(self._embed_ctx, tokens, 0, want_all=True)
-            ptr = L.llama_get_embeddings_seq(self._embed_ctx, 0)
+            L.llama_memory_clear(L.llama_get_memory(ctx), True)
+            self._decode(ctx, [(0, token, i, True) for i, token in enumerate(tokens)])
+            ptr = L.llama_get_embeddings_seq(ctx, 0)
             if not ptr:
                 raise LLMError("llama.cpp returned no embedding")
             vec = [float(ptr[i]) for i in range(n_embd)]
@@ -213,6 +235,8 @@ class LlamaModel:
         return vectors, used
 
     def close(self) -> None:
+        for slot in list(self._samplers):
+            L.llama_sampler_free(self._samplers.pop(slot))
         L.llama_batch_free(self.batch)
         if self._embed_ctx is not None:
             L.llama_free(self._embed_ctx)

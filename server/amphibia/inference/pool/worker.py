@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import websockets
 
-from .. import __version__
-from ..config import ModelSpec
+from ... import __version__
+from ...config import ModelSpec
 from ..llama_model import LlamaModel
 from . import wire
 from .batcher import Batcher
@@ -107,8 +107,7 @@ async def _session(ws: websockets.ClientConnection, batcher: Batcher, outbox: as
     async def beat() -> None:
         while True:
             await asyncio.sleep(heartbeat_s)
-            running, free = batcher.load()
-            await outbox.put(wire.Heartbeat(running=running, free_slots=free, jobs=list(batcher.held)))
+            await outbox.put(wire.Heartbeat(jobs=list(batcher.held)))
 
     async def receive() -> None:
         async for frame in ws:

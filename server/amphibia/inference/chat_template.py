@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import InvalidInput
+from ..errors import InvalidInput
 
 ROLES = ("system", "user", "assistant", "tool")
 

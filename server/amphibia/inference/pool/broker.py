@@ -14,76 +14,20 @@ All state lives on the gateway's event loop thread and is touched only there (no
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections import defaultdict, deque
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol
+from dataclasses import dataclass, field
+from typing import Callable
 
-from ..config import AppSpec, PoolConfig
-from ..engine import SamplingParams, Usage
-from ..errors import (AmphibiaError, InferenceTimeout, InvalidInput, LLMError, ModelNotSupported,
-                      Overloaded)
+from ...config import AppSpec, PoolConfig
+from ...errors import Overloaded
+from ..types import Usage
 from . import wire
+from .jobs import CallJob, GenerationJob, error_of
 from .metrics import PoolMetrics
 
 log = logging.getLogger("amphibia.broker")
-_ids = itertools.count(1)
-
-ERRORS: dict[str, type[AmphibiaError]] = {
-    "invalid_input": InvalidInput, "model_not_supported": ModelNotSupported, "timeout": InferenceTimeout,
-    "overloaded": Overloaded,
-}
-
-
-def error_from_wire(error_type: str, message: str) -> AmphibiaError:
-    cls = ERRORS.get(error_type, LLMError)
-    return cls(message) if cls is not Overloaded else Overloaded(message, 1000)
-
-
-class Sink(Protocol):
-    """Where a job's results go: a guest thread's TokenStream or an HTTP response's queue."""
-
-    def token(self, text: str) -> None: ...
-    def done(self, usage: Usage, finish_reason: str) -> None: ...
-    def fail(self, error: AmphibiaError) -> None: ...
-    def result(self, value: Any) -> None: ...
-
-
-@dataclass(eq=False)
-class Job:
-    app: AppSpec
-    model: str
-    sink: Sink
-    assign: wire.Assign | None = None  # a generation ...
-    call: wire.Call | None = None  # ... or a call (embed, tokenize, detokenize)
-    id: str = field(default_factory=lambda: f"j{next(_ids)}")
-    text: str = ""  # delivered so far
-    generated: int = 0
-    prompt_tokens: int = 0
-    worker: "WorkerLink | None" = None
-    slice_start: int = 0
-    preempting: bool = False
-    started: bool = False
-    enqueued: float = field(default_factory=time.monotonic)
-    last_token: float = 0.0
-    preemptions: int = 0
-    assigned_at: float = 0.0
-    missed: int = 0  # consecutive heartbeats of its worker that did not list it
-
-    @classmethod
-    def generation(cls, app: AppSpec, model: str, sink: Sink, params: SamplingParams, prompt: str | None = None,
-                   messages: list[dict] | None = None) -> "Job":
-        job = cls(app=app, model=model, sink=sink)
-        job.assign = wire.Assign(id=job.id, model=model, params=asdict(params), prompt=prompt, messages=messages)
-        return job
-
-    @classmethod
-    def calling(cls, app: AppSpec, model: str, sink: Sink, method: str, args: dict) -> "Job":
-        job = cls(app=app, model=model, sink=sink)
-        job.call = wire.Call(id=job.id, model=model, method=method, args=args)
-        return job
 
 
 @dataclass(eq=False)
@@ -93,8 +37,8 @@ class WorkerLink:
     slots: int
     device: str
     send: Callable[[wire.Message], None]
-    running: dict[str, Job] = field(default_factory=dict)
-    calls: dict[str, Job] = field(default_factory=dict)
+    running: dict[str, GenerationJob] = field(default_factory=dict)
+    calls: dict[str, CallJob] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
 
     @property
@@ -106,12 +50,13 @@ class Broker:
     def __init__(self, config: PoolConfig, metrics: PoolMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or PoolMetrics()
-        self.queues: dict[str, deque[Job]] = defaultdict(deque)
+        self.queues: dict[str, deque[GenerationJob]] = defaultdict(deque)
         self.service: dict[str, float] = defaultdict(float)
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[str, GenerationJob] = {}
+        self.calls: dict[str, CallJob] = {}
         self.workers: dict[str, WorkerLink] = {}
         self._tokens: dict[str, deque[tuple[float, int]]] = defaultdict(deque)  # per-app tokens/min window
-        self._pending_calls: deque[Job] = deque()
+        self._pending_calls: deque[CallJob] = deque()
         self.timeline: deque[dict] = deque(maxlen=2000)  # slot events, for pool views
 
     # --- intake ---------------------------------------------------------------------------------
@@ -119,15 +64,15 @@ class Broker:
         return sum(len(q) for q in self.queues.values())
 
     def _active(self, app: str) -> int:
-        return sum(1 for j in self.jobs.values() if j.app.name == app and j.assign is not None)
+        return sum(1 for j in self.jobs.values() if j.app.name == app)
 
-    def submit(self, job: Job) -> None:
+    def submit_call(self, job: CallJob) -> None:
+        self.calls[job.id] = job
+        self._place_call(job)
+
+    def submit(self, job: GenerationJob) -> None:
         """Queue `job` or refuse it at once (Overloaded) when a limit says so."""
         app, limits = job.app.name, job.app.limits
-        if job.call is not None:
-            self.jobs[job.id] = job
-            self._place_call(job)
-            return
         reason = None
         if self.queued() >= self.config.max_queue:
             reason, retry = f"the pool queue is full ({self.config.max_queue} waiting)", 1000
@@ -150,16 +95,24 @@ class Broker:
         self._dispatch()
 
     def cancel(self, job_id: str) -> None:
+        call = self.calls.pop(job_id, None)
+        if call is not None:
+            if call in self._pending_calls:
+                self._pending_calls.remove(call)
+            if call.worker is not None:
+                call.worker.calls.pop(call.id, None)
+                call.worker.send(wire.Cancel(call.id))
+            return
         job = self.jobs.pop(job_id, None)
         if job is None:
             return
+        job.sink.done(Usage(job.prompt_tokens, job.generated), "cancelled")
         queue = self.queues.get(job.app.name)
         if queue is not None and job in queue:
             queue.remove(job)
             self.metrics.queue_depth.labels(job.app.name).set(len(queue))
         if job.worker is not None:
             job.worker.running.pop(job.id, None)
-            job.worker.calls.pop(job.id, None)
             job.worker.send(wire.Cancel(job.id))
             self._event(job, "cancel")
             self._dispatch()
@@ -168,7 +121,7 @@ class Broker:
         return bool(self.queues.get(app)) or any(j.app.name == app and j.worker for j in self.jobs.values())
 
     def _backlogged_apps(self) -> set[str]:
-        return {j.app.name for j in self.jobs.values() if j.assign is not None}
+        return {j.app.name for j in self.jobs.values()}
 
     def _tokens_last_minute(self, app: str) -> int:
         window, now = self._tokens[app], time.monotonic()
@@ -194,28 +147,25 @@ class Broker:
             else:
                 return
 
-    def _start(self, job: Job, worker: WorkerLink) -> None:
-        assert job.assign is not None
+    def _start(self, job: GenerationJob, worker: WorkerLink) -> None:
         job.worker, job.slice_start, job.preempting = worker, job.generated, False
         job.assigned_at, job.missed = time.monotonic(), 0
         worker.running[job.id] = job
-        job.assign.resume_text, job.assign.resume_tokens = job.text, job.generated
         if not job.started:
             self.metrics.queue_wait.labels(job.app.name).observe(time.monotonic() - job.enqueued)
         job.started = True
-        worker.send(job.assign)
+        worker.send(job.assign())
         self._event(job, "start")
         self.metrics.running.labels(worker.id).set(len(worker.running))
 
-    def _place_call(self, job: Job) -> None:
+    def _place_call(self, job: CallJob) -> None:
         worker = self._worker_for(job.model, need_slot=False)
         if worker is None:
             self._pending_calls.append(job)
             return
         job.worker = worker
         worker.calls[job.id] = job
-        assert job.call is not None
-        worker.send(job.call)
+        worker.send(job.message())
 
     def _maybe_preempt(self, model: str) -> None:
         waiting = [a for a, q in self.queues.items() if q and q[0].model == model]
@@ -275,12 +225,19 @@ class Broker:
         worker.last_seen = time.monotonic()
         if isinstance(msg, wire.Heartbeat):
             return self._reconcile(worker, msg)
-        job_id = getattr(msg, "id", None)
-        job = self.jobs.get(job_id) if job_id else None
-        if job is not None and job.worker is not worker:
-            return  # late news from a worker that no longer holds this job
-        if job is None:
-            return  # a heartbeat, or the last words about a cancelled job: nothing to do
+        job_id = getattr(msg, "id", "")
+        call = self.calls.get(job_id)
+        if call is not None:
+            if call.worker is worker and isinstance(msg, (wire.Result, wire.Failed)):
+                self._finish_call(call)
+                if isinstance(msg, wire.Result):
+                    call.sink.result(msg.value)
+                else:
+                    call.sink.fail(error_of(msg))
+            return
+        job = self.jobs.get(job_id)
+        if job is None or job.worker is not worker:
+            return  # the last words about a cancelled job, or late news from a worker that lost it
         app = job.app
         if isinstance(msg, wire.Started):
             job.prompt_tokens = msg.prompt_tokens
@@ -307,7 +264,7 @@ class Broker:
             job.sink.done(Usage(job.prompt_tokens, job.generated), msg.finish_reason)
         elif isinstance(msg, wire.Failed):
             self._finish(job)
-            job.sink.fail(error_from_wire(msg.error_type, msg.message))
+            job.sink.fail(error_of(msg))
         elif isinstance(msg, wire.Preempted):
             worker.running.pop(job.id, None)
             job.worker = None
@@ -316,9 +273,6 @@ class Broker:
             self._event(job, "preempt")
             self.queues[app.name].appendleft(job)
             self._dispatch()
-        elif isinstance(msg, wire.Result):
-            self._finish(job)
-            job.sink.result(msg.value)
 
     def _reconcile(self, worker: WorkerLink, beat: wire.Heartbeat) -> None:
         """Make the worker's view and ours agree, so no slot and no request is stranded by a lost
@@ -348,21 +302,25 @@ class Broker:
         if lost:
             self._dispatch()
 
-    def _finish(self, job: Job) -> None:
+    def _finish(self, job: GenerationJob) -> None:
         self.jobs.pop(job.id, None)
         if job.worker is not None:
             job.worker.running.pop(job.id, None)
-            job.worker.calls.pop(job.id, None)
             self.metrics.running.labels(job.worker.id).set(len(job.worker.running))
-            if job.assign is not None:
-                self._event(job, "end")
+            self._event(job, "end")
         job.worker = None
         self._dispatch()
+
+    def _finish_call(self, job: CallJob) -> None:
+        self.calls.pop(job.id, None)
+        if job.worker is not None:
+            job.worker.calls.pop(job.id, None)
+        job.worker = None
 
     def _charge(self, app: AppSpec, cost: float) -> None:
         self.service[app.name] += cost / max(app.weight, 1e-6)
 
-    def _event(self, job: Job, kind: str) -> None:
+    def _event(self, job: GenerationJob, kind: str) -> None:
         self.timeline.append({"t": time.time(), "event": kind, "job": job.id, "app": job.app.name,
                               "worker": job.worker.id if job.worker else None, "generated": job.generated})
 

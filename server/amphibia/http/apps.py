@@ -1,0 +1,114 @@
+"""The app front door: server-side app routes, app pages, the index, health and the app list.
+
+One app request: HTTP -> `app_route` -> `Runtime.handle_async` (a fresh instance in a guest thread)
+-> the app's `llm` imports -> `sandbox.llm_host` -> the inference service -> an engine -> tokens back.
+"""
+from __future__ import annotations
+
+import jinja2
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from ..config import BROWSER_ENGINES
+from ..errors import AppNotFound
+from ..sandbox.runtime import HttpRequest
+from .assets import browser_model, version_of
+from .body import read_body, request_id
+from .gateway import gateway_of
+
+_pages = jinja2.Environment(
+    loader=jinja2.PackageLoader("amphibia", "templates"), autoescape=jinja2.select_autoescape(["html"])
+)
+
+
+async def app_route(request: Request) -> Response:
+    """One request to a server-side app: a fresh instance of its component answers it."""
+    gateway = gateway_of(request)
+    name = request.path_params["name"]
+    rid = request_id(request)
+    if _is_page_visit(request) and name in gateway.apps:
+        return await app_page(request)
+    app = gateway.apps.get(name)
+    if app is None:
+        why = gateway.failed.get(name)
+        raise AppNotFound(f"app {name!r} failed to build: {why}" if why else f"no app named {name!r}")
+    http = HttpRequest(
+        method=request.method,
+        path="/" + request.path_params.get("path", ""),
+        query=request.url.query,
+        headers=[(k, v) for k, v in request.headers.items()],
+        body=await read_body(request),
+    )
+    res = await gateway.runtime.handle_async(app.spec, app.component, http, rid)
+    headers = [(k.lower(), v) for k, v in res.headers if k.lower() not in ("content-length", "transfer-encoding")]
+    response = Response(res.body, res.status)
+    for key, value in headers:
+        response.headers.append(key, value)
+    response.headers["x-request-id"] = rid
+    return response
+
+
+def _is_page_visit(request: Request) -> bool:
+    """A person opening `/apps/NAME/` in a browser gets the app's page; curl, fetch() and forms
+    (anything but a top-level navigation asking for HTML) reach the app's own `/` route."""
+    return (request.method == "GET" and request.path_params.get("path", "") == ""
+            and request.headers.get("sec-fetch-mode") == "navigate" and "text/html" in request.headers.get("accept", ""))
+
+
+# Cross-origin isolation lets the page's workers share memory: wllama runs multi-threaded, and
+# a browser without JSPI can run the guest's sync build with SharedArrayBuffer + Atomics.
+ISOLATION_HEADERS = {"cross-origin-opener-policy": "same-origin", "cross-origin-embedder-policy": "require-corp"}
+
+
+async def app_page(request: Request) -> Response:
+    """`/apps/NAME/browser/` (and a browser's visit to `/apps/NAME/`): the app running in the page."""
+    gateway = gateway_of(request)
+    name = request.path_params["name"]
+    app = gateway.apps.get(name)
+    if app is None:
+        raise AppNotFound(f"no app named {name!r}")
+    engine = request.query_params.get("engine", app.spec.browser_engine)  # `?engine=remote` overrides the app's policy
+    if engine not in BROWSER_ENGINES:
+        engine = app.spec.browser_engine
+    page = _pages.get_template("app.html").render(app=app.spec, engine=engine, browser=bool(app.manifest.get("browser")))
+    return HTMLResponse(page, headers={**ISOLATION_HEADERS, "cache-control": "no-cache"})
+
+
+async def app_root(request: Request) -> Response:
+    return RedirectResponse(f"/apps/{request.path_params['name']}/", 308)
+
+
+async def index(request: Request) -> Response:
+    gateway = gateway_of(request)
+    page = _pages.get_template("index.html").render(
+        apps=[a.spec for a in gateway.apps.values()], failed=gateway.failed,
+        models=sorted(gateway.config.models),
+    )
+    return HTMLResponse(page)
+
+
+async def healthz(request: Request) -> Response:
+    gateway = gateway_of(request)
+    return JSONResponse({
+        "status": "ok",
+        "apps": sorted(gateway.apps),
+        "failed": sorted(gateway.failed),
+        "models": sorted(gateway.service.models()),
+        "in_flight": gateway.runtime.in_flight,
+        "workers": len(gateway.broker.workers) if gateway.broker else None,
+    })
+
+
+async def list_apps(request: Request) -> Response:
+    gateway = gateway_of(request)
+    return JSONResponse({"apps": [
+        {"name": a.spec.name, "description": a.spec.description, "model": a.spec.model,
+         "allowed_models": list(a.spec.allowed_models), "url": f"/apps/{a.spec.name}/",
+         "wasm_sha256": a.manifest.get("wasm_sha256"),
+         "browser": f"/apps/{a.spec.name}/browser/@{version_of(a.manifest)}/" if a.manifest.get("browser") else None,
+         "page": f"/apps/{a.spec.name}/browser/",
+         "core_wasm": sorted(f for f in (a.manifest.get("browser") or {}) if f.endswith(".wasm")),
+         "engine": a.spec.browser_engine,
+         "local_model": browser_model(gateway.config, a.spec.model)}
+        for a in gateway.apps.values()
+    ], "max_local_model_bytes": int(gateway.config.server.browser_max_model_mb * 1e6)})

@@ -1,0 +1,279 @@
+"""Continuous batching: which tokens of which sequences go into each decode of one model.
+
+Each tick is one `model.step` that carries the next token of every generating sequence plus, within
+a token budget, chunks of prompts being prefilled, so running sequences keep streaming while new
+ones are admitted. A finished, cancelled or preempted sequence frees its slot at once and a waiting
+one takes it in the same tick. Token bytes become text here (whole UTF-8 characters, nothing past a
+stop string), and here a sequence ends at `max_tokens` or the context's length.
+
+Everything runs on the thread that calls `run` (the one that owns the model); other threads talk to
+it only through `submit` (a queue) and hear back through `emit`, in wire messages.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
+from typing import Sequence as Seq
+
+from ...errors import AmphibiaError, InvalidInput, LLMError
+from ..text import TextAssembler
+from ..types import SamplingParams
+from . import jobs, wire
+
+log = logging.getLogger("amphibia.batcher")
+Emit = Callable[[wire.Message], object]  # called on the batcher's thread
+
+
+class Feed(NamedTuple):
+    """One token of one slot's sequence in a decode; `logits` asks for the next token after it."""
+
+    slot: int
+    token: int
+    pos: int
+    logits: bool
+
+
+class BatchModel(Protocol):
+    """What the batcher needs of a model (`llama_model.LlamaModel`, or a scripted fake in tests)."""
+
+    n_ctx: int  # tokens per sequence
+    n_batch: int  # tokens per step
+    slots: int
+
+    def prompt_tokens(self, prompt: str | None, messages: Seq[Mapping[str, str]] | None = None,
+                      resume_text: str = "") -> tuple[list[int], int]: ...
+    def admit(self, slot: int, params: SamplingParams, remembered: Seq[int] = ()) -> None: ...
+    def step(self, feeds: Seq[Feed]) -> Seq[tuple[int, bytes, bool]]: ...
+    def release(self, slot: int) -> None: ...
+    def embed(self, texts: Seq[str]) -> tuple[list[list[float]], int]: ...
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]: ...
+    def detokenize(self, tokens: Seq[int]) -> str: ...
+
+
+@dataclass
+class Sequence:
+    """A generation that holds a slot: prefilling its tokens, then generating one token a tick."""
+
+    id: str
+    slot: int
+    tokens: list[int]  # prompt (plus resumed text) to prefill
+    params: SamplingParams
+    text: TextAssembler
+    generated: int  # counts tokens generated before a resume too
+    prompt_tokens: int
+    prefilled: int = 0
+    pending: int | None = None  # sampled token not yet decoded
+    pos: int = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.tokens)
+
+
+@dataclass
+class Batcher:
+    model: BatchModel
+    emit: Emit
+    # Prompt tokens per tick while other sequences are generating: each costs every running sequence
+    # ~3 ms of its tick on 2 CPU cores, so long prefills (and resumed sequences) go in small chunks.
+    prefill_budget: int = 32
+    # Wire messages, _DROP_ALL or None for the loop; given by an owner that queues work before the
+    # model is loaded (the in-process engine).
+    inbox: queue.Queue[Any] = field(default_factory=queue.Queue)
+    _waiting: deque[wire.Assign] = field(default_factory=deque, init=False)
+    _active: dict[str, Sequence] = field(default_factory=dict, init=False)
+    # The ids this batcher holds, republished (one reference swap, atomic under the GIL) after every
+    # round of messages, for heartbeats read on the network thread.
+    held: tuple[str, ...] = field(default=(), init=False)
+
+    @property
+    def slots(self) -> int:
+        return self.model.slots
+
+    def submit(self, message: wire.Message | None) -> None:
+        """Assign, Call, Cancel or Preempt; None stops `run`. Safe from any thread."""
+        self.inbox.put(message)
+
+    def drop_all(self) -> None:
+        """Forget every sequence (the gateway went away and will re-place them). Any thread."""
+        self.inbox.put(_DROP_ALL)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running or waiting (as of the last turn)."""
+        return not self._active and not self._waiting
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        """The loop; returns once `submit(None)` is received."""
+        while self.turn(block=True):
+            pass
+
+    def turn(self, block: bool = False) -> bool:
+        """Handle every message that has arrived (waiting for one if idle and `block`), admit waiting
+        sequences into free slots, then decode one tick. False once `submit(None)` was received."""
+        try:
+            message = self.inbox.get(block=block and self.idle)
+            while True:
+                if message is None:
+                    self._drop_all()
+                    return False
+                self._handle(message)
+                message = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+        self._admit()
+        self.held = (*self._active, *(a.id for a in self._waiting))
+        if self._active:
+            try:
+                self._tick()
+            except Exception as exc:  # a broken decode fails its batch, not the worker
+                log.exception("decode failed")
+                for seq in list(self._active.values()):
+                    self._finish(seq, error=LLMError(f"decode failed: {exc}"))
+        return True
+
+    def _handle(self, message: Any) -> None:
+        if isinstance(message, wire.Assign):
+            self._waiting.append(message)
+        elif isinstance(message, wire.Call):
+            self._call(message)
+        elif message is _DROP_ALL:
+            self._drop_all()
+        elif isinstance(message, (wire.Cancel, wire.Preempt)):
+            # A cancelled generation ends with what it used ("cancelled"); a preempted one is resumed
+            # later by the broker, which only needs to hear that its slot is free.
+            cancel = isinstance(message, wire.Cancel)
+            for i, waiting in enumerate(self._waiting):
+                if waiting.id == message.id:
+                    del self._waiting[i]
+                    if cancel:
+                        self.emit(wire.Done(waiting.id, 0, waiting.resume_tokens, "cancelled"))
+                    break
+            seq = self._active.get(message.id)
+            if seq is not None:
+                if cancel:
+                    self.emit(wire.Done(seq.id, seq.prompt_tokens, seq.generated, "cancelled"))
+                self._release(seq)
+            if not cancel:
+                self.emit(wire.Preempted(message.id))
+
+    def _call(self, call: wire.Call) -> None:
+        try:
+            if call.method == "embed":
+                vectors, used = self.model.embed(call.args["texts"])
+                value: Any = {"embeddings": vectors, "prompt_tokens": used}
+            elif call.method == "tokenize":
+                value = self.model.tokenize(call.args["text"], add_special=False, parse_special=False)
+            elif call.method == "detokenize":
+                value = self.model.detokenize(call.args["tokens"])
+            else:
+                raise InvalidInput(f"unknown call {call.method!r}")
+        except AmphibiaError as exc:
+            error = exc
+        except (KeyError, TypeError) as exc:
+            error = InvalidInput(f"bad arguments for {call.method}: {exc}")
+        except Exception as exc:
+            log.exception("call %s failed", call.method)
+            error = LLMError(f"{call.method} failed: {exc}")
+        else:
+            self.emit(wire.Result(call.id, value))
+            return
+        self.emit(jobs.failed_message(call.id, error))
+
+    def _admit(self) -> None:
+        taken = {seq.slot for seq in self._active.values()}
+        free = [slot for slot in range(self.slots) if slot not in taken]
+        while self._waiting and free:
+            assign = self._waiting.popleft()
+            try:
+                seq = self._sequence(assign, free[0])
+            except AmphibiaError as exc:
+                self.emit(jobs.failed_message(assign.id, exc))
+                continue
+            except Exception as exc:
+                log.exception("admitting %s failed", assign.id)
+                self.emit(jobs.failed_message(assign.id, LLMError(str(exc))))
+                continue
+            free.pop(0)
+            self._active[seq.id] = seq
+            self.emit(wire.Started(seq.id, seq.prompt_tokens))
+
+    def _sequence(self, assign: wire.Assign, slot: int) -> Sequence:
+        params = SamplingParams.from_dict(assign.params).validate(self.model.n_ctx)
+        tokens, n_prompt = self.model.prompt_tokens(assign.prompt, assign.messages, assign.resume_text)
+        self.model.admit(slot, params, tokens[n_prompt:])  # the repeat penalty remembers resumed text
+        return Sequence(assign.id, slot, tokens, params, TextAssembler(params.stop),
+                        generated=assign.resume_tokens, prompt_tokens=n_prompt)
+
+    def _tick(self) -> None:
+        feeds: list[Feed] = []
+        sampling: list[Sequence] = []  # whose next token this step picks, in the order of their feeds
+        for seq in self._active.values():  # generating sequences first: one token each
+            if not seq.prefilling and seq.pending is not None:
+                feeds.append(Feed(seq.slot, seq.pending, seq.pos, True))
+                sampling.append(seq)
+                seq.pos += 1
+                seq.pending = None
+        budget = self.model.n_batch - len(feeds)
+        if feeds:
+            budget = min(budget, self.prefill_budget)
+        # Shortest remaining prefill first: a new short request gets its first token within a tick or
+        # two even while a long resumed sequence is being re-prefilled.
+        for seq in sorted(self._active.values(), key=lambda q: len(q.tokens) - q.prefilled):
+            if not seq.prefilling or budget <= 0:
+                continue
+            chunk = seq.tokens[seq.prefilled: seq.prefilled + budget]
+            seq.prefilled += len(chunk)
+            budget -= len(chunk)
+            for token in chunk:
+                feeds.append(Feed(seq.slot, token, seq.pos, False))
+                seq.pos += 1
+            if not seq.prefilling:
+                feeds[-1] = feeds[-1]._replace(logits=True)
+                sampling.append(seq)
+        if not feeds:
+            return
+        picks = self.model.step(feeds)
+        if len(picks) != len(sampling):
+            raise LLMError(f"the model picked {len(picks)} tokens for {len(sampling)} sequences")
+        for seq, (token, piece, end) in zip(sampling, picks):
+            self._sample(seq, token, piece, end)
+
+    def _sample(self, seq: Sequence, token: int, piece: bytes, end: bool) -> None:
+        if end:
+            return self._finish(seq, "stop")
+        seq.generated += 1
+        text = seq.text.feed(piece)
+        if text:
+            self.emit(wire.Token(seq.id, text))
+        if seq.text.stopped:
+            return self._finish(seq, "stop")
+        if seq.generated >= seq.params.max_tokens or seq.pos >= self.model.n_ctx:
+            return self._finish(seq, "length")
+        seq.pending = token
+
+    def _finish(self, seq: Sequence, reason: str = "stop", error: AmphibiaError | None = None) -> None:
+        if error is None:
+            tail = seq.text.flush()
+            if tail:
+                self.emit(wire.Token(seq.id, tail))
+            self.emit(wire.Done(seq.id, seq.prompt_tokens, seq.generated, reason))
+        else:
+            self.emit(jobs.failed_message(seq.id, error))
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self._active.pop(seq.id, None)
+        self.model.release(seq.slot)
+
+    def _drop_all(self) -> None:
+        for seq in list(self._active.values()):
+            self._release(seq)
+        self._waiting.clear()
+
+
+_DROP_ALL = object()  # an inbox command of the worker's own, not a wire message

@@ -1,0 +1,117 @@
+"""Pool work as wire messages and back: one place that turns a checked request into the `assign` or
+`call` a worker runs, and a worker's answers into sink events (for every engine that speaks the wire)."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from ...config import AppSpec
+from ...errors import AmphibiaError, llm_error, retry_after_ms
+from ..engine import CallSink, GenerationSink
+from ..types import Call, Generation, Usage
+from . import wire
+
+if TYPE_CHECKING:
+    from .broker import WorkerLink
+
+_ids = itertools.count(1)
+
+
+def next_id(prefix: str = "j") -> str:
+    return f"{prefix}{next(_ids)}"
+
+
+def assign_message(job_id: str, generation: Generation, text: str = "", generated: int = 0) -> wire.Assign:
+    """The `assign` for `generation`, resuming after `text` (`generated` tokens) already delivered."""
+    messages = [dict(m) for m in generation.messages] if generation.messages is not None else None
+    return wire.Assign(id=job_id, model=generation.model, params=asdict(generation.params), prompt=generation.prompt,
+                       messages=messages, resume_text=text, resume_tokens=generated)
+
+
+def call_message(job_id: str, call: Call) -> wire.Call:
+    return wire.Call(id=job_id, model=call.model, method=call.method, args=dict(call.args))
+
+
+def failed_message(job_id: str, error: AmphibiaError) -> wire.Failed:
+    return wire.Failed(job_id, error.type, error.message, retry_after_ms(error))
+
+
+def error_of(msg: wire.Failed) -> AmphibiaError:
+    return llm_error(msg.error_type, msg.message, msg.retry_after_ms)
+
+
+def deliver_generation(msg: wire.Message, sink: GenerationSink) -> bool:
+    """Hand a worker's message about a generation to its sink; True once the generation has ended."""
+    if isinstance(msg, wire.Token):
+        sink.token(msg.text)
+        return False
+    if isinstance(msg, wire.Done):
+        sink.done(Usage(msg.prompt_tokens, msg.generated_tokens), msg.finish_reason)
+        return True
+    if isinstance(msg, wire.Failed):
+        sink.fail(error_of(msg))
+        return True
+    return False  # started, preempted: the broker's business
+
+
+def deliver_call(msg: wire.Message, sink: CallSink) -> bool:
+    if isinstance(msg, wire.Result):
+        sink.result(msg.value)
+        return True
+    if isinstance(msg, wire.Failed):
+        sink.fail(error_of(msg))
+        return True
+    return False
+
+
+@dataclass(eq=False)
+class GenerationJob:
+    """A generation in the broker: queued, running on a worker's slot, or preempted and waiting."""
+
+    app: AppSpec
+    generation: Generation
+    sink: GenerationSink
+    id: str = field(default_factory=next_id)
+    text: str = ""  # delivered so far (a resumed page's text included)
+    generated: int = 0
+    prompt_tokens: int = 0
+    worker: "WorkerLink | None" = None
+    slice_start: int = 0
+    preempting: bool = False
+    started: bool = False
+    enqueued: float = field(default_factory=time.monotonic)
+    last_token: float = 0.0
+    preemptions: int = 0
+    assigned_at: float = 0.0
+    missed: int = 0  # consecutive heartbeats of its worker that did not list it
+
+    def __post_init__(self) -> None:
+        self.text, self.generated = self.generation.resume_text, self.generation.resume_tokens
+
+    @property
+    def model(self) -> str:
+        return self.generation.model
+
+    def assign(self) -> wire.Assign:
+        return assign_message(self.id, self.generation, self.text, self.generated)
+
+
+@dataclass(eq=False)
+class CallJob:
+    """An embed, tokenize or detokenize call in the broker."""
+
+    app: AppSpec
+    call: Call
+    sink: CallSink
+    id: str = field(default_factory=lambda: next_id("c"))
+    worker: "WorkerLink | None" = None
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def model(self) -> str:
+        return self.call.model
+
+    def message(self) -> wire.Call:
+        return call_message(self.id, self.call)
