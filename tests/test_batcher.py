@@ -129,7 +129,7 @@ def test_tokens_stream_and_done_counts_them() -> None:
     _, batcher, out = setup({"hi": [b"Hel", b"lo", b"!"]})
     batcher.submit(assign("a", "hi"))
     until_idle(batcher)
-    assert out == [wire.Started("a", 2), wire.Token("a", "Hel"), wire.Token("a", "lo"), wire.Token("a", "!"),
+    assert out == [wire.Started("a", 2, 2), wire.Token("a", "Hel"), wire.Token("a", "lo"), wire.Token("a", "!"),
                    wire.Done("a", 2, 3, "stop")]
 
 
@@ -220,7 +220,7 @@ def test_cancel_frees_the_slot_and_a_waiting_sequence_takes_it_in_the_same_tick(
     batcher.submit(wire.Cancel("a"))
     batcher.submit(wire.Cancel("c"))  # still waiting: it just goes
     batcher.turn()
-    assert wire.Started("b", 1) in out and out[-1] == wire.Token("b", "B")
+    assert wire.Started("b", 1, 1) in out and out[-1] == wire.Token("b", "B")
     # Each cancelled request ends with what it used, and nothing after.
     assert [m for m in out if m.id == "c"] == [wire.Done("c", 0, 0, "cancelled")]
     ended_a = [m for m in out if isinstance(m, (wire.Done, wire.Failed)) and m.id == "a"]
@@ -290,9 +290,42 @@ def test_calls_answer_with_a_result() -> None:
     batcher.submit(wire.Call("x", "m", "transmogrify", {}))
     batcher.submit(wire.Call("y", "m", "tokenize", {}))
     batcher.turn()
-    assert out[:3] == [wire.Result("t", [104, 105]), wire.Result("d", "hi"),
-                       wire.Result("e", {"embeddings": [[1.0, 0.0]], "prompt_tokens": 1})]
-    assert [(m.id, m.error_type) for m in out[3:]] == [("x", "invalid_input"), ("y", "invalid_input")]
+    assert out[:2] == [wire.Result("t", [104, 105]), wire.Result("d", "hi")]
+    assert [(m.id, m.error_type) for m in out[2:4]] == [("x", "invalid_input"), ("y", "invalid_input")]
+    assert out[4:] == [wire.Result("e", {"embeddings": [[1.0, 0.0]], "prompt_tokens": 1})]
+
+
+def test_embeddings_interleave_with_decoding() -> None:
+    """An embed call takes one text per turn, so running sequences wait at most one text's time."""
+    model, batcher, out = setup({"a": LONG})
+    batcher.submit(assign("a", "a", max_tokens=40))
+    batcher.turn()  # prefill "a"
+    batcher.submit(wire.Call("e", "m", "embed", {"texts": ["one", "two", "three"]}))
+    for turn in range(3):
+        before = len(model.steps)
+        batcher.turn()
+        assert len(model.steps) == before + 1  # a decode tick in every turn
+        assert not [m for m in out if m.id == "e"] or turn == 2
+    assert [m for m in out if m.id == "e"] == [
+        wire.Result("e", {"embeddings": [[1.0, 0.0]] * 3, "prompt_tokens": 11})]
+
+
+def test_anything_a_job_raises_fails_that_job_only() -> None:
+    """Not only our own errors: whatever the model raises for one request (a lone surrogate's
+    UnicodeEncodeError, say) is that request's failure, and the batcher goes on serving."""
+    model, batcher, out = setup({"ok": [b"fine"]})
+
+    def broken_tokenize(text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return list(text.encode())  # raises UnicodeEncodeError on a lone surrogate
+
+    model.tokenize = broken_tokenize
+    batcher.submit(wire.Call("t", "m", "tokenize", {"text": "\ud800"}))
+    batcher.submit(assign("bad", "\udfff"))
+    batcher.submit(assign("good", "ok"))
+    until_idle(batcher)
+    assert end_of(out, "t").error_type == "runtime_error"
+    assert end_of(out, "bad").error_type == "runtime_error"
+    assert text_of(out, "good") == "fine" and end_of(out, "good").finish_reason == "stop"
 
 
 def test_drop_all_forgets_everything() -> None:

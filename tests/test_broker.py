@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from amphibia.config import AppSpec, Limits, PoolConfig
-from amphibia.errors import AmphibiaError, Overloaded
+from amphibia.errors import AmphibiaError, InferenceTimeout, LLMError, Overloaded
 from amphibia.inference.pool import wire
 from amphibia.inference.pool.broker import Broker, WorkerLink
-from amphibia.inference.pool.jobs import GenerationJob
-from amphibia.inference.types import Generation, Usage
+from amphibia.inference.pool.jobs import CallJob, GenerationJob
+from amphibia.inference.types import Call, Generation, Usage
 
 
 class Collect:
@@ -200,3 +200,82 @@ def test_heartbeats_reconcile_stale_sequences_and_lost_assignments() -> None:
     generate(broker, link, stranded, 2)
     broker.on_message(link, wire.Done(stranded.id, 10, 2, "stop"))
     assert stranded.sink.text == "xx" and stranded.sink.usage == Usage(10, 2)
+
+
+class CallResult:
+    def __init__(self) -> None:
+        self.value, self.error = None, None
+
+    def result(self, value) -> None:
+        self.value = value
+
+    def fail(self, error: AmphibiaError) -> None:
+        self.error = error
+
+
+def call(a: AppSpec, texts: int = 1) -> CallJob:
+    return CallJob(a, Call("m", "embed", {"texts": ["t"] * texts}), CallResult())
+
+
+def test_calls_are_first_class_jobs() -> None:
+    """Calls count against the same limits, are charged like prefill, expire and can be cancelled."""
+    broker = Broker(PoolConfig(max_queue=2))
+    limited = app("l", max_concurrent=1)
+    waiting = call(limited)
+    broker.submit_call(waiting)  # no worker yet: it waits
+    with pytest.raises(Overloaded, match="already has 1"):
+        broker.submit(job(limited))
+    broker.cancel(waiting.id)
+    assert not broker.calls and not broker._pending_calls
+    link, sent = worker(broker)
+    embed = call(app("e"))
+    broker.submit_call(embed)
+    assert sent[-1].id == embed.id
+    broker.on_message(link, wire.Result(embed.id, {"embeddings": [[1.0]], "prompt_tokens": 12}))
+    assert embed.sink.value["prompt_tokens"] == 12 and broker.service["e"] == 12
+    broker.remove_worker(link)
+    stale = call(app("s", max_queue_wait_s=0.0))
+    broker.submit_call(stale)
+    broker.expire()
+    assert isinstance(stale.sink.error, Overloaded) and not broker.calls
+
+
+def test_a_request_on_two_workers_that_died_is_poison() -> None:
+    broker = Broker(PoolConfig())
+    first, _ = worker(broker)
+    j = job(app("x"))
+    broker.submit(j)
+    broker.remove_worker(first)  # the first death: it waits to resume
+    assert j.sink.error is None and j in broker.queues["x"]
+    second, _ = worker(broker)
+    assert j.worker is second
+    broker.remove_worker(second)  # the second: never placed again
+    assert isinstance(j.sink.error, LLMError) and "not placed again" in j.sink.error.message
+    assert not broker.jobs and not broker.queued()
+    c = call(app("y"))
+    broker.submit_call(c)
+    for _ in range(2):
+        w, _ = worker(broker)
+        broker.remove_worker(w)
+    assert isinstance(c.sink.error, LLMError) and not broker.calls
+
+
+def test_every_wait_ends_at_the_deadline() -> None:
+    """A request that started, lost its worker and waits to resume still ends at its deadline."""
+    broker = Broker(PoolConfig())
+    link, sent = worker(broker)
+    j = job(app("x", llm_timeout_s=0.0))
+    broker.submit(j)
+    generate(broker, link, j, 2)
+    broker.remove_worker(link)  # re-queued; no other worker
+    broker.expire()
+    assert isinstance(j.sink.error, InferenceTimeout) and not broker.jobs and not broker.queued()
+
+
+def test_resumed_text_is_charged_as_prefill() -> None:
+    broker = Broker(PoolConfig())
+    link, _ = worker(broker)
+    j = job(app("r"))
+    broker.submit(j)
+    broker.on_message(link, wire.Started(j.id, 10, 60))
+    assert j.prompt_tokens == 10 and broker.service["r"] == 60

@@ -87,3 +87,14 @@ def test_bench_pool_quick_prints_the_promised_keys() -> None:
     assert result["throughput"]["peer_tok_s"] > 0
     assert result["noisy_neighbour"]["amphibia_ratio"] > 0 and result["noisy_neighbour"]["peer_ratio"] > 0
     assert 0 < result["fairness"]["jain"] <= 1 and isinstance(result["overhead_pct"], (int, float))
+
+
+def test_access_log_keeps_bridge_tokens_out() -> None:
+    import logging
+
+    from amphibia.cli import RedactTokens
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5000", "GET", "/bridge?token=eyJhcHAi.c2ln&x=1", "1.1", 101), None)
+    assert RedactTokens().filter(record)
+    assert "eyJhcHAi" not in record.getMessage() and "token=[redacted]&x=1" in record.getMessage()

@@ -71,3 +71,65 @@ def test_bad_app_names_and_folders(tmp_path: Path) -> None:
     write_app(tmp_path / "Bad Name")
     with pytest.raises(ConfigError, match="lowercase"):
         load_app(tmp_path / "Bad Name")
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[server]\nallowed_origins = 'https://x'\n",
+     r"amphibia.toml: \[server\] allowed_origins must be a list of strings, not a string"),
+    ("[server]\nhosts = ['a', 1]\n", r"\[server\] hosts must be a list of strings, not a list holding an integer"),
+    ("[server]\nport = '8000'\n", r"\[server\] port must be an integer, not a string"),
+    ("[server]\nguest_threads = true\n", r"\[server\] guest_threads must be an integer, not a boolean"),
+    ("[server]\ncache_dir = 1\n", r"\[server\] cache_dir must be a path \(a string\), not an integer"),
+    ("server = 5\n", r"\[server\] must be a table, not an integer"),
+    ("[limits]\ntimeout_s = 'long'\n", r"\[limits\] timeout_s must be a number, not a string"),
+    ("[limits]\nmemory_mb = 1.5\n", r"\[limits\] memory_mb must be an integer, not a number"),
+    ("[pool]\nlocal_worker = 'yes'\n", r"\[pool\] local_worker must be true or false, not a string"),
+    ("[models.smollm2]\nn_ctx = '4k'\n", r"\[models.smollm2\] n_ctx must be an integer"),
+    ("[models.tiny]\npath = 3\n", r"\[models.tiny\] path must be a path"),
+    ("models = { tiny = 1 }\n", r"\[models.tiny\] must be a table"),
+    ("[apps]\ndiscover = 3\n", r"\[apps\] discover must be a string"),
+    ("[apps.x]\npath = 'apps/hello'\nallowed_models = 'smollm2'\n",
+     r"\[apps.x\] allowed_models must be a list of strings"),
+    ("[apps.x]\npath = 'apps/hello'\nlimits = { memory_mb = 'big' }\n",
+     r"\[apps.x\] limits memory_mb must be an integer"),
+    ("[apps.x]\npath = 'apps/hello'\nlimits = 5\n", r"\[apps.x\] limits must be a table"),
+    ("[apps.x]\npath = 'apps/hello'\nweight = 'heavy'\n", r"\[apps.x\] weight must be a number, not a string"),
+])
+def test_config_values_are_type_checked(tmp_path: Path, toml: str, message: str) -> None:
+    write_app(tmp_path / "apps" / "hello")
+    (tmp_path / "amphibia.toml").write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "amphibia.toml")
+
+
+def test_app_toml_values_are_type_checked(tmp_path: Path) -> None:
+    app = write_app(tmp_path / "hello", "model = 1\n")
+    with pytest.raises(ConfigError, match=r"hello/app.toml: model must be a string, not an integer"):
+        load_app(app)
+    (app / "app.toml").write_text("files = 'data'\n")
+    with pytest.raises(ConfigError, match=r"app.toml: files must be a list of strings, not a string"):
+        load_app(app)
+    (app / "app.toml").write_text("[limits]\ntimeout_s = true\n")
+    with pytest.raises(ConfigError, match=r"app.toml: limits timeout_s must be a number, not a boolean"):
+        load_app(app)
+
+
+def test_typed_values_are_converted(tmp_path: Path) -> None:
+    """Integers where numbers are wanted, lists as tuples, paths under the file's folder."""
+    write_app(tmp_path / "apps" / "hello", "weight = 2\nallowed_models = ['smollm2']\n")
+    (tmp_path / "amphibia.toml").write_text(
+        "[server]\nallowed_origins = ['https://x']\nhosts = ['amphibia.example']\nbrowser_max_model_mb = 100\n"
+        "[limits]\ntimeout_s = 5\n[pool]\nheartbeat_s = 1\n[apps.hello]\npath = 'apps/hello'\n")
+    config = load_config(tmp_path / "amphibia.toml")
+    assert config.server.allowed_origins == ("https://x",) and config.server.hosts == ("amphibia.example",)
+    assert config.server.browser_max_model_mb == 100.0 and isinstance(config.server.browser_max_model_mb, float)
+    assert config.limits.timeout_s == 5.0 and isinstance(config.limits.timeout_s, float)
+    assert config.pool.heartbeat_s == 1.0
+    app = config.apps["hello"]
+    assert app.weight == 2.0 and app.allowed_models == ("smollm2",) and app.path == (tmp_path / "apps/hello")
+
+
+def test_trusted_hosts_default_to_loopback() -> None:
+    from amphibia.config import ServerConfig
+
+    assert {"localhost", "127.0.0.1", "::1"} <= set(ServerConfig().hosts)

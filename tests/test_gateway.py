@@ -308,3 +308,11 @@ def test_open_apis_and_bridge_without_a_pool(server: str, http: httpx.Client) ->
     assert "".join(m["text"] for m in got if m["type"] == "token") == "The capital of France is Paris."
     assert cancelled["type"] == "done" and cancelled["finish_reason"] == "cancelled"
     assert 1 <= cancelled["generated_tokens"] < 300
+
+
+def test_every_response_carries_its_request_id(http: httpx.Client) -> None:
+    for path in ("/healthz", "/v1/models", "/apps/tokens/", "/no/such/page", "/models/nope.gguf"):
+        assert len(http.get(path).headers["x-request-id"]) >= 8, path
+    res = http.get("/apps/misbehave/raise", headers={"x-request-id": "trace-42"})
+    assert res.headers["x-request-id"] == "trace-42" and res.status_code == 500
+    assert http.get("/healthz", headers={"x-request-id": "bad id\n"}).headers["x-request-id"] != "bad id\n"

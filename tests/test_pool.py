@@ -72,6 +72,51 @@ def test_api_keys_and_models(pool: Pool) -> None:
     assert res.status_code == 400
 
 
+def test_nothing_a_client_sends_takes_a_worker_down(pool: Pool) -> None:
+    """What took the pool down before: a lone surrogate, a result over the frame limit, a request that
+    becomes an oversized frame, a huge body. Each is answered clearly, and no worker leaves."""
+    key = {"authorization": "Bearer key-chat", "content-type": "application/json"}
+    url = f"{pool.url}/v1/embeddings"
+    res = httpx.post(url, headers=key, content=b'{"model": "smollm2", "input": ["\\ud800"]}', timeout=60)
+    assert res.status_code == 400 and "UTF-8" in res.json()["error"]["message"]
+    # 120 vectors are more than one frame holds: they travel in batches and come back whole.
+    texts = [f"text number {i}" for i in range(120)]
+    res = httpx.post(url, headers=key, json={"model": "smollm2", "input": texts}, timeout=120)
+    assert res.status_code == 200, res.text
+    assert [d["index"] for d in res.json()["data"]] == list(range(120))
+    single = httpx.post(url, headers=key, json={"model": "smollm2", "input": texts[77]}, timeout=60).json()
+    assert res.json()["data"][77]["embedding"] == single["data"][0]["embedding"]
+    # 400 KB of text that would be a 1.2 MB frame to a worker: refused up front, as the client's error.
+    prompt = json.dumps({"model": "smollm2", "prompt": "\u00e9" * 200_000}, ensure_ascii=False).encode()
+    res = httpx.post(f"{pool.url}/v1/completions", headers=key, content=prompt, timeout=60)
+    assert res.status_code == 400 and "bytes as sent" in res.json()["error"]["message"]
+    res = httpx.post(f"{pool.url}/v1/chat/completions", headers=key, content=b"[" + b"1," * (3 << 20) + b"1]",
+                     timeout=60)
+    assert res.status_code == 413 and res.json()["error"]["type"] == "body_too_large"
+    assert pool.worker_ids() == {"wA", "wB"}
+    pool.wait_for(lambda s: s["queued"] == 0 and all(not w["running"] for w in s["workers"]), "an idle pool", 30)
+
+
+def test_guest_deadlines_and_disconnects_end_their_llm_work(pool: Pool) -> None:
+    """A guest's request ends at its wall-clock deadline even while it blocks in a host call, and its
+    inference is cancelled then, as it is when its client leaves."""
+    def running(app: str) -> int:
+        return sum(1 for w in pool.status()["workers"] for j in w["running"] if j["app"] == app)
+
+
+    started = time.perf_counter()
+    res = httpx.get(f"{pool.url}/apps/limited/sleep?s=8", timeout=60)
+    assert res.status_code == 504 and res.json()["error"]["type"] == "guest_timeout"
+    assert time.perf_counter() - started < 7
+    res = httpx.get(f"{pool.url}/apps/limited/long-llm", timeout=60)
+    assert res.status_code == 504
+    pool.wait_for(lambda s: running("limited") == 0, "the late guest's generation to be cancelled", timeout=5)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(f"{pool.url}/apps/misbehave/long-llm", timeout=1.5)
+    pool.wait_for(lambda s: not any(j["app"] == "misbehave" for w in s["workers"] for j in w["running"]),
+                  "the guest's generation to be cancelled", timeout=5)
+
+
 def test_concurrent_apps_all_complete_with_correct_text(pool: Pool) -> None:
     def ask(key: str) -> str:
         out = client(pool, key).chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=32)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import jinja2
@@ -38,24 +40,39 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+class RedactTokens(logging.Filter):
+    """Bridge tokens travel in the query (`/bridge?token=...`, browsers cannot set WebSocket headers):
+    keep them out of the access log."""
+
+    TOKEN = re.compile(r"(token=)[^&\s\"]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.TOKEN.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .http.app import create_app
+    from .inference.pool.wire import MAX_FRAME_BYTES
 
     config = load_config(args.target)
     host = args.host or config.server.host
     port = args.port or config.server.port
+    config = replace(config, server=replace(config.server, host=host, port=port))  # the trusted hosts need it
     print(f"Amphibia: {len(config.apps)} app(s) on http://{host}:{port}/ ({', '.join(config.apps) or 'none'})",
           flush=True)
     app = create_app(config, local_worker_port=None if args.no_local_worker else port, config_target=args.target)
-    uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=args.access_log)
+    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+    uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=args.access_log,
+                ws_max_size=MAX_FRAME_BYTES)
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     import os
-    from dataclasses import replace
 
     from .inference.pool.worker import WorkerOptions, run
 
@@ -107,6 +124,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.browser import main as browser_main
 
         return browser_main(args)
+    if args.which == "chaos":
+        from .bench.chaos import main as chaos_main
+
+        return chaos_main(args)
     raise AmphibiaError(f"unknown benchmark {args.which!r}")
 
 
@@ -155,8 +176,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_models)
 
     s = sub.add_parser("bench", help="run a benchmark; the last line printed is JSON")
-    s.add_argument("which", choices=["cold-start", "pool", "browser"])
-    s.add_argument("--quick", action="store_true", help="pool, browser: a reduced run (about a minute)")
+    s.add_argument("which", choices=["cold-start", "pool", "browser", "chaos"])
+    s.add_argument("--quick", action="store_true", help="pool, browser, chaos: a reduced run (about a minute)")
     s.add_argument("--json", action="store_true", help="print only the JSON result line")
     s.add_argument("--app", default=None, help="app folder (default: examples/chat)")
     s.add_argument("-n", "--requests", type=int, default=300)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import importlib.util
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError
 
@@ -24,6 +25,9 @@ class Limits:
     timeout_s: float = 30.0
     # Wall time of one `llm` call (queueing included).
     llm_timeout_s: float = 120.0
+    # Wall time of a whole request (CPU, host calls and waits): past it the request answers 504 and
+    # its inference is cancelled (sandbox/runtime.py handle_async).
+    wall_timeout_s: float = 300.0
     # Pool limits per app: requests queued or running at once, generated tokens per minute (0: no
     # limit), and how long a request may wait for a slot before it is refused as overloaded.
     max_concurrent: int = 32
@@ -103,6 +107,10 @@ class ServerConfig:
     bridge_token_ttl_s: float = 600.0
     # `auto` runs a model in the browser only if its GGUF is at most this big.
     browser_max_model_mb: float = 512.0
+    # Host names (Host header, port ignored) this gateway answers; any other gets 400, so a page on a
+    # DNS-rebinding domain cannot reach a gateway on loopback. `host` above is always allowed too.
+    # Add the names clients use for a public gateway, or "*" for any; "*.example.com" for subdomains.
+    hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,8 @@ class PoolConfig:
     token: str = ""
     local_worker: bool = True
     local_slots: int = 4
+    # Worker processes `amphibia up` starts (and supervises) per model; they split the model's threads.
+    local_workers: int = 1
     # A sequence that has generated this many tokens since it got its slot, while an app with less
     # service waits, is preempted and resumed later (its client only sees latency).
     quantum_tokens: int = 16
@@ -151,15 +161,61 @@ def default_models() -> dict[str, ModelSpec]:
 
 
 def _take(cls: type, table: dict[str, Any], where: str, **fixed: Any) -> Any:
-    """Build dataclass `cls` from a TOML table, refusing unknown keys (typos should not pass silently)."""
-    names = {f.name for f in fields(cls)}
-    unknown = set(table) - names
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+    """Build dataclass `cls` from a TOML table, refusing unknown keys (typos should not pass silently)
+    and values of the wrong type (`allowed_origins = "https://x"` must not become a tuple of letters)."""
     try:
-        return cls(**{**table, **fixed})
+        return cls(**{**_checked(cls, table, where), **fixed})
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _checked(cls: type, table: dict[str, Any], where: str) -> dict[str, Any]:
+    """`table` with every key a field of `cls` and every value of that field's type: lists become
+    tuples, strings Paths, integers floats where the field wants those; a table for a nested
+    dataclass (an app's `limits`) is checked against it in turn. Values already converted pass again."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table, not {_kind(table)}")
+    hints = get_type_hints(cls)
+    unknown = set(table) - set(hints)
+    if unknown:
+        raise ConfigError(f"{where} unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(hints))}")
+    return {key: _typed(value, hints[key], f"{where} {key}") for key, value in table.items()}
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    if get_origin(hint) in (Union, UnionType):  # `X | None`: TOML has no null, so only X can come from a file
+        if value is None:
+            return None
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    if is_dataclass(hint) and isinstance(hint, type):
+        return value if isinstance(value, hint) else _checked(hint, value, where)
+    if get_origin(hint) is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        what = _kind(value) if not isinstance(value, (list, tuple)) else \
+            f"a list holding {_kind(next(v for v in value if not isinstance(v, str)))}"
+        raise ConfigError(f"{where} must be a list of strings, not {what}")
+    if hint is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, hint):  # str, bool
+        return value
+    raise ConfigError(f"{where} must be {_KINDS.get(hint, hint.__name__)}, not {_kind(value)}")
+
+
+_KINDS: dict[Any, str] = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+                          Path: "a path (a string)", list: "a list", tuple: "a list", dict: "a table"}
+
+
+def _kind(value: Any) -> str:
+    """How a TOML value reads in a message: 'a string', 'an integer', ..."""
+    return _KINDS.get(type(value), f"a {type(value).__name__}") if not isinstance(value, bool) else "a boolean"
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -170,31 +226,31 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _limits(base: Limits, table: dict[str, Any] | None, where: str) -> Limits:
-    if not table:
+    if table is None:
         return base
-    return _take(Limits, {**vars(base), **table}, where)
+    return _take(Limits, {**vars(base), **_checked(Limits, table, where)}, where)
 
 
-def load_app(path: Path, limits: Limits = Limits(), overrides: dict[str, Any] | None = None) -> AppSpec:
-    """An app from its folder: `app.py`, plus `app.toml` and `overrides` (an `[apps.NAME]` table)."""
+def load_app(path: Path, limits: Limits = Limits(), overrides: dict[str, Any] | None = None,
+             overrides_from: str = "overrides:") -> AppSpec:
+    """An app from its folder: `app.py`, plus `app.toml` and `overrides` (an `[apps.NAME]` table;
+    `overrides_from` names where they come from in error messages)."""
     path = path.resolve()
     if not (path / "app.py").is_file():
         raise ConfigError(f"{path} is not an app: it has no app.py")
     table: dict[str, Any] = {}
     if (path / "app.toml").is_file():
-        table.update(_read_toml(path / "app.toml"))
-    table.update(overrides or {})
+        table.update(_checked(AppSpec, _read_toml(path / "app.toml"), f"{path / 'app.toml'}:"))
+    table.update(_checked(AppSpec, overrides or {}, overrides_from))
     table.pop("path", None)
     name = table.pop("name", path.name)
     if not APP_NAME.match(name):
         raise ConfigError(f"app name {name!r} must be lowercase letters, digits, '-' or '_'")
     app_limits = _limits(limits, table.pop("limits", None), f"app {name} [limits]")
-    table["allowed_models"] = tuple(table.get("allowed_models", ()))
-    table["files"] = tuple(table.get("files", ()))
     if table.get("browser_engine", "auto") not in BROWSER_ENGINES:
         raise ConfigError(f"app {name}: browser_engine must be one of {', '.join(BROWSER_ENGINES)}, "
                           f"not {table['browser_engine']!r}")
-    for folder in table["files"]:
+    for folder in table.get("files", ()):
         target = (path / folder).resolve()
         if not target.is_dir() or not target.is_relative_to(path):
             raise ConfigError(f"app {name}: files entry {folder!r} must be a folder inside {path}")
@@ -243,43 +299,57 @@ def _from_toml(path: Path) -> Config:
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
 
-    server_table = dict(data.get("server", {}))
+    server_table = _checked(ServerConfig, data.get("server", {}), f"{path}: [server]")
     if "cache_dir" in server_table:
         server_table["cache_dir"] = root / server_table["cache_dir"]
-    if "allowed_origins" in server_table:
-        server_table["allowed_origins"] = tuple(server_table["allowed_origins"])
-    server = _take(ServerConfig, server_table, f"{path} [server]")
+    server = _take(ServerConfig, server_table, f"{path}: [server]")
     if "cache_dir" not in server_table:
         server = replace(server, cache_dir=root / server.cache_dir)
 
-    limits = _limits(Limits(), data.get("limits"), f"{path} [limits]")
+    limits = _limits(Limits(), data.get("limits"), f"{path}: [limits]")
 
     models = default_models()
-    for name, table in data.get("models", {}).items():
-        table = dict(table)
+    for name, table in _section(data, "models", path).items():
+        table = _checked(ModelSpec, table, f"{path}: [models.{name}]")
         if "path" in table:
             table["path"] = (root / table["path"]).resolve()
         base = vars(models[name]) if name in models else {}  # [models.smollm2] tunes the built-in one
-        models[name] = _take(ModelSpec, {**base, **table}, f"{path} [models.{name}]", name=name)
+        models[name] = _take(ModelSpec, {**base, **table}, f"{path}: [models.{name}]", name=name)
 
     apps: dict[str, AppSpec] = {}
-    for key, table in data.get("apps", {}).items():
+    for key, table in _section(data, "apps", path).items():
         if key == "discover":  # `[apps] discover = "examples"` serves every app of a folder
+            if not isinstance(table, str):
+                raise ConfigError(f"{path}: [apps] discover must be a string (a folder), not {_kind(table)}")
             for name, app in discover_apps(root / table, limits).items():
                 apps.setdefault(name, app)
             continue
+        where = f"{path}: [apps.{key}]"
         if not isinstance(table, dict) or "path" not in table:
-            raise ConfigError(f"{path} [apps.{key}] needs a `path` to the app's folder")
-        app = load_app(root / table["path"], limits, {"name": key, **table})
+            raise ConfigError(f"{where} needs a `path` to the app's folder")
+        table = _checked(AppSpec, table, where)
+        app = load_app(root / table["path"], limits, {"name": key, **table}, where)
         apps[app.name] = app
 
     for app in apps.values():
         for model in (app.model, *app.allowed_models):
             if model not in models:
                 raise ConfigError(f"app {app.name!r} uses model {model!r}, which no [models.{model}] defines")
-    pool = _take(PoolConfig, dict(data.get("pool", {})), f"{path} [pool]")
-    api_keys = dict(data.get("api_keys", {}))
+    pool = _take(PoolConfig, data.get("pool", {}), f"{path}: [pool]")
+    api_keys = dict(_section(data, "api_keys", path))
     for key, app_name in api_keys.items():
         if not isinstance(app_name, str) or not APP_NAME.match(app_name):
-            raise ConfigError(f"{path} [api_keys]: the value for a key must be an app name, not {app_name!r}")
+            raise ConfigError(f"{path}: [api_keys]: the value for a key must be an app name, not {app_name!r}")
     return Config(server=server, limits=limits, models=models, apps=apps, pool=pool, api_keys=api_keys, root=root)
+
+
+def _section(data: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    """A section whose keys are names (`[models.X]`, `[apps.X]`, `[api_keys]`), each a table except where noted."""
+    section = data.get(name, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [{name}] must be a table, not {_kind(section)}")
+    if name == "models":
+        for key, table in section.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: [models.{key}] must be a table, not {_kind(table)}")
+    return section

@@ -52,6 +52,12 @@ class BadRequest(AmphibiaError):
     type = "bad_request"
 
 
+class BadHost(BadRequest):
+    """A Host header this gateway does not serve (DNS rebinding)."""
+
+    type = "bad_host"
+
+
 class BodyTooLarge(AmphibiaError):
     status = 413
     type = "body_too_large"
@@ -65,6 +71,13 @@ class Unauthorized(AmphibiaError):
 class Forbidden(AmphibiaError):
     status = 403
     type = "forbidden"
+
+
+class ClientGone(AmphibiaError):
+    """The client left before its answer was ready (499, as nginx logs it; nobody reads it)."""
+
+    status = 499
+    type = "client_gone"
 
 
 class Busy(AmphibiaError):

@@ -11,6 +11,7 @@ from typing import Any
 import uvicorn
 
 from .errors import AmphibiaError
+from .inference.pool.wire import MAX_FRAME_BYTES
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -35,7 +36,8 @@ def serve_in_thread(asgi: Any, port: int | None = None, host: str = "127.0.0.1",
     """Serve `asgi` with uvicorn in a daemon thread; returns once it accepts connections (the
     lifespan has run: apps are built and loaded). The first start may build every app (~15 s each)."""
     port = port or free_port(host)
-    server = uvicorn.Server(uvicorn.Config(asgi, host=host, port=port, log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(asgi, host=host, port=port, log_level="warning", access_log=False,
+                                           ws_max_size=MAX_FRAME_BYTES))
     thread = threading.Thread(target=server.run, name=f"amphibia-gateway-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s

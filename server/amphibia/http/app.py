@@ -3,26 +3,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..build import BROWSER_DIR
 from ..config import Config
-from ..errors import AmphibiaError, error_response
+from ..errors import AmphibiaError, BadHost, error_response
 from ..inference.engine import Engine
 from ..inference.pool.broker import Broker
 from ..inference.pool.engine import PoolEngine
-from ..inference.pool.spawn import spawn_worker, stop_worker
+from ..inference.pool.spawn import Supervisor, spawn_worker
 from ..inference.service import InferenceService
 from ..sandbox.llm_host import LlmHost
 from ..sandbox.runtime import Runtime
@@ -32,6 +35,7 @@ from .assets import PublicAssets, browser_file, model_file
 from .bridge import bridge_socket, token_endpoint
 from .gateway import Gateway, default_models_of, load_apps
 from .pool import metrics, pool_status, worker_socket
+from .request_ids import RequestIds
 
 log = logging.getLogger("amphibia.gateway")
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
@@ -61,8 +65,9 @@ async def server_error(request: Request, exc: Exception) -> Response:
 def create_app(config: Config, engine: Engine | None = None, warm_model: bool = True,
                local_worker_port: int | None = None, config_target: str | None = None) -> Starlette:
     """The gateway. With no `engine`, inference goes to the pool's broker, and with `local_worker_port`
-    a worker process is started that dials back to this gateway on that port. An `engine` (e.g. the
-    in-process one) serves every entrance instead: apps, the open APIs, the bridge."""
+    a worker process is started (and restarted whenever it exits) that dials back to this gateway on
+    that port. An `engine` (e.g. the in-process one) serves every entrance instead: apps, the open
+    APIs, the bridge. Only requests for `config.server.hosts` (and the bind host) are served."""
     broker = pool_engine = None
     if engine is None:
         broker = Broker(config.pool)
@@ -76,27 +81,27 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         background: list[asyncio.Task] = []
-        workers = []
         if pool_engine is not None and broker is not None:
             pool_engine.attach(asyncio.get_running_loop())
             background.append(asyncio.create_task(broker.housekeeping()))
             if local_worker_port and config.pool.local_worker:
+                app.state.local_workers = _local_workers(config, broker, local_worker_port, token, config_target)
+        try:
+            for supervisor in app.state.local_workers:
+                supervisor.run()
+            await asyncio.to_thread(load_apps, gateway)
+            warm = getattr(engine, "warm", None)
+            if warm_model and warm is not None:
                 for model in default_models_of(config):
-                    workers.append(spawn_worker(f"ws://127.0.0.1:{local_worker_port}/pool", token, model=model,
-                                                slots=config.pool.local_slots, worker_id=f"local-{model}",
-                                                config=config_target))
-        await asyncio.to_thread(load_apps, gateway)
-        warm = getattr(engine, "warm", None)
-        if warm_model and warm is not None:
-            for model in default_models_of(config):
-                await asyncio.to_thread(warm, model)
-        yield
-        for task in background:
-            task.cancel()
-        for proc in workers:
-            await asyncio.to_thread(stop_worker, proc)
-        runtime.close()
-        engine.close()
+                    await asyncio.to_thread(warm, model)
+            yield
+        finally:
+            for task in background:
+                task.cancel()
+            for supervisor in app.state.local_workers:
+                await supervisor.stop()
+            runtime.close()
+            engine.close()
 
     app = Starlette(
         routes=[
@@ -124,8 +129,80 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
             *spin.routes,
         ],
         exception_handlers={AmphibiaError: amphibia_error, HTTPException: http_error, Exception: server_error},
-        middleware=[Middleware(PublicAssets)],
+        # Outermost: a request for a host that is not ours gets no further than this.
+        middleware=[Middleware(TrustedHosts, hosts=(*config.server.hosts, config.server.host)),
+                    Middleware(RequestIds), Middleware(PublicAssets)],
         lifespan=lifespan,
     )
     app.state.gateway = gateway
+    app.state.local_workers = []  # Supervisors of the worker processes this gateway started (see lifespan)
     return app
+
+
+def _local_workers(config: Config, broker: Broker, port: int, token: str,
+                   config_target: str | None) -> list[Supervisor]:
+    """`[pool] local_workers` supervised worker processes per model the apps use, dialling this
+    gateway on `port`. They split the model's threads: llama.cpp threads that outnumber the cores
+    spin at barriers and slow every worker many times."""
+    supervisors = []
+    count = max(1, config.pool.local_workers)
+    for model in default_models_of(config):
+        spec = config.models.get(model)
+        threads = max(1, spec.threads // count) if spec else None
+        for i in range(count):
+            worker_id = f"local-{model}" if i == 0 else f"local-{model}-{i + 1}"
+            start = functools.partial(spawn_worker, f"ws://127.0.0.1:{port}/pool", token, model=model,
+                                      slots=config.pool.local_slots, worker_id=worker_id, threads=threads,
+                                      config=config_target)
+            restarts = broker.metrics.worker_restarts.labels(worker_id)  # shown as 0 from the start
+            supervisors.append(Supervisor(start, worker_id, on_restart=restarts.inc))
+    return supervisors
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header (or a `hosts` entry), without port or brackets:
+    'Example.com:8000' -> 'example.com', '[::1]:8000' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    if header.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
+        header = header.split(":")[0]
+    return header.rstrip(".")
+
+
+class TrustedHosts:
+    """Refuses (400 `bad_host`) a request or WebSocket whose Host header names none of `hosts`.
+
+    Why: with DNS rebinding, a page on evil.example whose name then resolves to 127.0.0.1 is, to
+    the browser, same-origin with this gateway; only the Host header still says evil.example. The
+    port is ignored; "*" allows any host, "*.example.com" its subdomains. The address the connection
+    arrived at is always allowed (an IP literal cannot be rebound), so `--host 10.0.0.5` or a
+    gateway on 0.0.0.0 reached by its IP works without listing it. Unlike Starlette's
+    TrustedHostMiddleware it answers in the project's JSON error shape and understands `[::1]:8000`.
+    """
+
+    def __init__(self, app: ASGIApp, hosts: Sequence[str]) -> None:
+        self.app = app
+        self.any = "*" in hosts
+        self.names = {host_name(h) for h in hosts if not h.startswith("*.")}
+        self.suffixes = tuple(h.lower()[1:] for h in hosts if h.startswith("*."))  # ".example.com"
+
+    def allows(self, host: str, local_address: str | None = None) -> bool:
+        return (self.any or host in self.names or host == local_address
+                or (bool(self.suffixes) and host.endswith(self.suffixes)))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        host = host_name(Headers(scope=scope).get("host", ""))
+        server = scope.get("server")
+        if self.allows(host, host_name(str(server[0])) if server else None):
+            await self.app(scope, receive, send)
+            return
+        log.warning("refused %s %s for host %r: not in [server] hosts", scope["type"], scope.get("path", ""), host)
+        if scope["type"] == "websocket" and "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008, "reason": "bad host"})
+            return
+        error = BadHost(f"this gateway does not serve host {host!r}; add it to [server] hosts in amphibia.toml")
+        await error_response(error)(scope, receive, send)

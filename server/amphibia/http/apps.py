@@ -14,7 +14,7 @@ from ..errors import AppNotFound
 from ..sandbox.runtime import HttpRequest
 from .assets import browser_model, version_of
 from .body import read_body, request_id
-from .gateway import gateway_of
+from .gateway import gateway_of, health_problems
 
 _pages = jinja2.Environment(
     loader=jinja2.PackageLoader("amphibia", "templates"), autoescape=jinja2.select_autoescape(["html"])
@@ -39,12 +39,12 @@ async def app_route(request: Request) -> Response:
         headers=[(k, v) for k, v in request.headers.items()],
         body=await read_body(request),
     )
-    res = await gateway.runtime.handle_async(app.spec, app.component, http, rid)
+    # A client that hangs up ends its request: the guest's inference is cancelled, its slot freed.
+    res = await gateway.runtime.handle_async(app.spec, app.component, http, rid, disconnected=request.is_disconnected)
     headers = [(k.lower(), v) for k, v in res.headers if k.lower() not in ("content-length", "transfer-encoding")]
     response = Response(res.body, res.status)
     for key, value in headers:
         response.headers.append(key, value)
-    response.headers["x-request-id"] = rid
     return response
 
 
@@ -88,9 +88,13 @@ async def index(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
+    """Status "degraded" (still HTTP 200: the gateway is up and serves what it can) with `reasons`
+    when an app failed to load or a model the apps use has no worker; "ok" otherwise."""
     gateway = gateway_of(request)
+    reasons = health_problems(gateway)
     return JSONResponse({
-        "status": "ok",
+        "status": "degraded" if reasons else "ok",
+        "reasons": reasons,
         "apps": sorted(gateway.apps),
         "failed": sorted(gateway.failed),
         "models": sorted(gateway.service.models()),

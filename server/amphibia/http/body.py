@@ -1,24 +1,19 @@
-"""Reading what a client sends: bodies within the size limit, JSON objects, and request ids."""
+"""Reading what a client sends: bodies within the size limit, JSON objects, its request id."""
 from __future__ import annotations
 
 import json
-import re
-import uuid
 
 from starlette.requests import Request
 
 from ..errors import BadRequest, BodyTooLarge
 from .gateway import gateway_of
-
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
+from .request_ids import new_request_id
 
 def request_id(request: Request) -> str:
-    """The client's `x-request-id` when it is a sane token, else a new one; kept on `request.state`
-    so the error handler can answer with it."""
-    rid = request.headers.get("x-request-id", "")
-    rid = rid if REQUEST_ID.match(rid) else uuid.uuid4().hex[:12]
-    request.state.request_id = rid
+    """This request's id (see `request_ids.RequestIds`, which sends it back as `x-request-id`)."""
+    rid = getattr(request.state, "request_id", "")
+    if not rid:  # served without the middleware (an ASGI app assembled by hand)
+        rid = request.state.request_id = new_request_id(request.headers.get("x-request-id", ""))
     return rid
 
 

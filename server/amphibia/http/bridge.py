@@ -29,7 +29,7 @@ from ..inference.service import InferenceService
 from ..inference.stream import AsyncTokenStream
 from ..inference.pool.wire import CLOSE_BAD_TOKEN, CLOSE_FLOOD, CLOSE_ORIGIN
 from .gateway import gateway_of
-from .websocket import Frame, close, run_session
+from .websocket import Frame, Outbox, close, run_session
 
 log = logging.getLogger("amphibia.bridge")
 MAX_IN_FLIGHT = 8  # per connection
@@ -87,7 +87,7 @@ async def token_endpoint(request: Request) -> Response:
 
 
 async def _answer(service: InferenceService, app: AppSpec, msg: wire.Assign | wire.Call,
-                  send: "asyncio.Queue[wire.Message]", streams: dict[str, AsyncTokenStream]) -> None:
+                  outbox: Outbox, streams: dict[str, AsyncTokenStream]) -> None:
     """Serve one page request, sending its frames (under the page's own id) as they come. A generation's
     stream is kept in `streams` while it runs, so that a `cancel` ends it with its usage ("cancelled")."""
     try:
@@ -97,15 +97,15 @@ async def _answer(service: InferenceService, app: AppSpec, msg: wire.Assign | wi
                                             resume_tokens=msg.resume_tokens)
             stream = streams[msg.id] = service.astream(app, generation)
             async for piece in stream:
-                send.put_nowait(wire.Token(msg.id, piece))
+                outbox.put(wire.Token(msg.id, piece))
             assert stream.usage is not None and stream.finish_reason is not None
-            send.put_nowait(wire.Done(msg.id, stream.usage.prompt_tokens, stream.usage.generated_tokens,
+            outbox.put(wire.Done(msg.id, stream.usage.prompt_tokens, stream.usage.generated_tokens,
                                       stream.finish_reason))
         else:
             value = await service.arun_call(app, service.call_request(app, msg.model, msg.method, msg.args))
-            send.put_nowait(wire.Result(msg.id, value))
+            outbox.put(wire.Result(msg.id, value))
     except AmphibiaError as exc:
-        send.put_nowait(failed_message(msg.id, exc))
+        outbox.put(failed_message(msg.id, exc))
     finally:
         streams.pop(msg.id, None)
 
@@ -131,7 +131,7 @@ async def bridge_socket(websocket: WebSocket) -> None:
         await close(websocket, wire.CLOSE_PROTOCOL, "no such app")
         return
     app: AppSpec = loaded.spec
-    outbox: asyncio.Queue[wire.Message] = asyncio.Queue()
+    outbox = Outbox()
     requests: dict[str, asyncio.Task] = {}  # the page's request id -> the task answering it
     streams: dict[str, AsyncTokenStream] = {}  # the page's running generations, by its id
     window_start, count = time.monotonic(), 0
@@ -152,7 +152,7 @@ async def bridge_socket(websocket: WebSocket) -> None:
                 requests.pop(msg.id).cancel()
             return
         if msg.id in requests or len(requests) >= MAX_IN_FLIGHT:
-            outbox.put_nowait(failed_message(msg.id, Overloaded(f"at most {MAX_IN_FLIGHT} requests per page")))
+            outbox.put(failed_message(msg.id, Overloaded(f"at most {MAX_IN_FLIGHT} requests per page")))
             return
         task = asyncio.create_task(_answer(gateway.service, app, msg, outbox, streams))
         requests[msg.id] = task

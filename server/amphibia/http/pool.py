@@ -14,7 +14,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ..inference.pool import wire
 from ..inference.pool.broker import Broker, WorkerLink
 from .gateway import gateway_of
-from .websocket import Frame, close, run_session
+from .websocket import Frame, Outbox, close, run_session
 
 log = logging.getLogger("amphibia.pool")
 HELLO_TIMEOUT_S = 10.0
@@ -44,9 +44,9 @@ async def worker_socket(websocket: WebSocket) -> None:
                     hello.version or "?", hello.protocol, wire.PROTOCOL_VERSION)
         await close(websocket, wire.CLOSE_PROTOCOL, f"protocol {hello.protocol} is not {wire.PROTOCOL_VERSION}")
         return
-    outbox: asyncio.Queue[wire.Message] = asyncio.Queue()
+    outbox = Outbox()
     link = WorkerLink(id=hello.worker_id, models=list(hello.models), slots=max(1, int(hello.slots)),
-                      device=hello.device, send=outbox.put_nowait)
+                      device=hello.device, send=outbox.put)
     await websocket.send_text(wire.Welcome(worker_id=link.id, heartbeat_s=broker.config.heartbeat_s).encode())
     broker.add_worker(link)
 

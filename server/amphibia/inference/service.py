@@ -8,12 +8,15 @@ wire message).
 """
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 from ..config import AppSpec
 from ..errors import InvalidInput, ModelNotAllowed, ModelNotSupported
 from . import chat_template
 from .engine import Engine
+from .pool import jobs, wire
 from .stream import AsyncTokenStream, CallWaiter, TokenStream
 from .types import CALL_METHODS, Call, Generation, SamplingParams
 
@@ -21,6 +24,17 @@ MAX_TEXT_BYTES = 512 * 1024  # a prompt, conversation, text or resume: far more 
 MAX_MESSAGES = 1024
 MAX_EMBED_TEXTS = 256
 MAX_TOKENS_IN = 65536  # token ids one detokenize takes
+# A request must fit one wire frame with room to spare (a resumed generation also carries its text).
+MAX_REQUEST_FRAME = wire.MAX_FRAME_BYTES - 64 * 1024
+# Embeddings go to engines in batches this small, so each batch's vectors fit one frame back even for
+# wide models (8 x 4096 dimensions is about 0.7 MB of JSON).
+EMBED_BATCH = 8
+
+
+def _fits_a_frame(message: wire.Message, what: str) -> None:
+    size = len(message.encode())
+    if size > MAX_REQUEST_FRAME:
+        raise InvalidInput(f"{what} is {size} bytes as sent to the model; at most {MAX_REQUEST_FRAME} fit")
 
 
 def utf8_text(value: Any, what: str, *, allow_empty: bool = True) -> str:
@@ -98,8 +112,11 @@ class InferenceService:
         resume_text = utf8_text(resume_text, "resume_text")
         if isinstance(resume_tokens, bool) or not isinstance(resume_tokens, int):
             raise InvalidInput("resume_tokens must be an integer")
-        return Generation(model=model, params=checked, prompt=prompt, messages=messages, resume_text=resume_text,
-                          resume_tokens=max(0, min(resume_tokens, checked.max_tokens)), request_id=request_id)
+        generation = Generation(model=model, params=checked, prompt=prompt, messages=messages,
+                                resume_text=resume_text, request_id=request_id,
+                                resume_tokens=max(0, min(resume_tokens, checked.max_tokens)))
+        _fits_a_frame(jobs.assign_message("j", generation, resume_text, resume_tokens), "the request")
+        return generation
 
     def call_request(self, caller: AppSpec, model: Any, method: Any, args: Any, request_id: str = "") -> Call:
         model = self.resolve_model(caller, model)
@@ -113,7 +130,10 @@ class InferenceService:
             checked = {"text": utf8_text(args.get("text"), "text")}
         else:
             checked = {"tokens": self._tokens(args.get("tokens"))}
-        return Call(model=model, method=method, args=checked, request_id=request_id)
+        call = Call(model=model, method=method, args=checked, request_id=request_id)
+        for part in _batches(call):
+            _fits_a_frame(jobs.call_message("c", part), f"{method}'s input")
+        return call
 
     @staticmethod
     def _texts(texts: Any) -> list[str]:
@@ -148,11 +168,32 @@ class InferenceService:
         waiter.attach(self.engine.call(caller, call, waiter))
         return waiter
 
+    def _waiters(self, caller: AppSpec, call: Call, timeout_s: float | None) -> list[CallWaiter]:
+        """The call's batches, all submitted at once (the pool may spread them over its workers)."""
+        waiters: list[CallWaiter] = []
+        try:
+            for part in _batches(call):
+                waiters.append(self._waiter(caller, part, timeout_s))
+        except BaseException:
+            _cancel(waiters)
+            raise
+        return waiters
+
     def run_call(self, caller: AppSpec, call: Call, timeout_s: float | None = None) -> Any:
-        return self._waiter(caller, call, timeout_s).wait()
+        waiters = self._waiters(caller, call, timeout_s)
+        try:
+            return _merge([w.wait() for w in waiters])
+        except BaseException:
+            _cancel(waiters)
+            raise
 
     async def arun_call(self, caller: AppSpec, call: Call, timeout_s: float | None = None) -> Any:
-        return await self._waiter(caller, call, timeout_s).wait_async()
+        waiters = self._waiters(caller, call, timeout_s)
+        try:
+            return _merge(await asyncio.gather(*(w.wait_async() for w in waiters)))
+        except BaseException:
+            _cancel(waiters)
+            raise
 
     # --- conveniences for callers outside an entrance (tests, notebooks) ---------------------------
     def embed(self, caller: AppSpec, model: str, texts: Sequence[str]) -> tuple[list[list[float]], int]:
@@ -165,3 +206,23 @@ class InferenceService:
     def detokenize(self, caller: AppSpec, model: str, tokens: Sequence[int]) -> str:
         return self.run_call(caller, self.call_request(caller, model, "detokenize", {"tokens": list(tokens)}))
 
+
+def _batches(call: Call) -> list[Call]:
+    """An embed call as calls of at most EMBED_BATCH texts (any other call as itself)."""
+    texts = call.args.get("texts") if call.method == "embed" else None
+    if texts is None or len(texts) <= EMBED_BATCH:
+        return [call]
+    return [replace(call, args={"texts": texts[i:i + EMBED_BATCH]}) for i in range(0, len(texts), EMBED_BATCH)]
+
+
+def _cancel(waiters: list[CallWaiter]) -> None:
+    """One batch failed or the caller left: free the other batches' slots."""
+    for waiter in waiters:
+        waiter.cancel()
+
+
+def _merge(values: list[Any]) -> Any:
+    if len(values) == 1:
+        return values[0]
+    return {"embeddings": [v for value in values for v in value["embeddings"]],
+            "prompt_tokens": sum(value["prompt_tokens"] for value in values)}

@@ -87,6 +87,11 @@ class TokenStream(_Stream):
     def fail(self, error: AmphibiaError) -> None:
         self._queue.put(error)
 
+    def abort(self, error: AmphibiaError) -> None:
+        """From any thread: free the engine's slot and make the reader raise `error` next."""
+        self.cancel()
+        self._queue.put(error)
+
     # reader side
     def next_piece(self) -> str | None:
         """The next piece, or None once generation has ended; raises the engine's error."""
@@ -152,10 +157,12 @@ class AsyncTokenStream(_Stream):
 
 
 class CallWaiter:
-    """A call's answer, waited for from a thread (`wait`) or on the loop (`wait_async`)."""
+    """A call's answer, waited for from a thread (`wait`) or on the loop (`wait_async`), within a
+    deadline counted from its start."""
 
     def __init__(self, timeout_s: float = 120.0, what: str = "call") -> None:
         self.timeout_s, self.what = timeout_s, what
+        self._deadline = time.monotonic() + timeout_s
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._cancel: Cancel | None = None
 
@@ -174,23 +181,28 @@ class CallWaiter:
         except concurrent.futures.InvalidStateError:
             pass
 
-    def _timed_out(self) -> InferenceTimeout:
-        if self._cancel is not None:
+    def cancel(self) -> None:
+        if not self.future.done() and self._cancel is not None:
             self._cancel()
+
+    def _remaining(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+    def _timed_out(self) -> InferenceTimeout:
+        self.cancel()
         return InferenceTimeout(f"{self.what} did not finish within {self.timeout_s:g} s")
 
     def wait(self) -> Any:
         try:
-            return self.future.result(self.timeout_s)
+            return self.future.result(self._remaining())
         except concurrent.futures.TimeoutError:
             raise self._timed_out() from None
 
     async def wait_async(self) -> Any:
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(self.future), self.timeout_s)
+            return await asyncio.wait_for(asyncio.wrap_future(self.future), self._remaining())
         except asyncio.TimeoutError:
             raise self._timed_out() from None
         except asyncio.CancelledError:
-            if self._cancel is not None:
-                self._cancel()
+            self.cancel()
             raise

@@ -69,6 +69,8 @@ class LlmHost:
         def call(store: Any, *args: Any) -> Any:
             ctx = current.get()
             try:
+                if ctx.end.error is not None:  # the client left or the wall clock ran out
+                    raise ctx.end.error
                 if method:
                     args = (args[0].to_host(store).rep, *args[1:])
                 with ctx.host_wait():
@@ -91,12 +93,19 @@ class LlmHost:
                                        params=params_from_wit(params), request_id=ctx.request_id)
 
     def _complete(self, ctx: RequestContext, generation: Generation) -> Record:
-        out = self.service.stream(ctx.app, generation).collect()
+        stream = self.service.stream(ctx.app, generation)
+        ctx.end.track(stream)
+        try:
+            out = stream.collect()
+        finally:
+            ctx.end.untrack(stream)
         return _record(text=out.text, usage=_record(prompt_token_count=out.usage.prompt_tokens,
                                                     generated_token_count=out.usage.generated_tokens))
 
     def _open_stream(self, ctx: RequestContext, generation: Generation) -> ResourceHost:
-        return ResourceHost.own(ctx.add_resource(self.service.stream(ctx.app, generation)), TOKEN_STREAM)
+        stream = self.service.stream(ctx.app, generation)
+        ctx.end.track(stream)
+        return ResourceHost.own(ctx.add_resource(stream), TOKEN_STREAM)
 
     # --- the interface's functions ----------------------------------------------------------------------
     def infer(self, ctx: RequestContext, model: str, prompt: str, params: Any) -> Record:
@@ -133,8 +142,10 @@ class LlmHost:
     # --- wiring -----------------------------------------------------------------------------------------
     @staticmethod
     def _drop_stream(store: Any, rep: int) -> None:
-        stream = current.get().resources.pop(rep, None)
+        ctx = current.get()
+        stream = ctx.resources.pop(rep, None)
         if stream is not None:
+            ctx.end.untrack(stream)
             stream.cancel()  # the guest stopped reading: free the engine's slot now
 
     def add_to_linker(self, root: LinkerInstance) -> None:

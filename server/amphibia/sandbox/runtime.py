@@ -21,16 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Awaitable, Callable, Iterator, Sequence
 
 import wasmtime
 from wasmtime.component import Component, Linker, Record
 
 from ..config import AppSpec
-from ..errors import AmphibiaError, Busy, GuestError, GuestOutOfMemory, GuestTimeout
+from ..errors import AmphibiaError, Busy, ClientGone, GuestError, GuestOutOfMemory, GuestTimeout
 from . import wit_values
 from .capability import HostCapability
-from .context import RequestContext, current
+from .context import RequestContext, RequestEnd, current
 
 log = logging.getLogger("amphibia.runtime")
 guest_log = logging.getLogger("amphibia.guest")
@@ -140,13 +140,26 @@ class ComponentCache:
             started = time.perf_counter()
             component = Component.from_file(self.wasmtime, str(wasm))
             log.info("compiled %s in %.1f s", wasm, time.perf_counter() - started)
+            self._store(component, path)
+        with self._lock:
+            return self._mem.setdefault(sha256, component)
+
+
+    def _store(self, component: Component, path: Path) -> None:
+        """Write the compiled artifact for the next start; a full disk or a read-only cache only costs
+        that (the component is served from memory), never the app."""
+        tmp = None
+        try:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(component.serialize())
             os.replace(tmp, path)
-        with self._lock:
-            return self._mem.setdefault(sha256, component)
+        except OSError as exc:
+            log.warning("could not cache the compiled component in %s (%s); serving it uncached", self.dir, exc)
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
 
 def _classify(exc: wasmtime.WasmtimeError, stderr_tail: bytes, app: AppSpec) -> GuestError:
@@ -180,6 +193,11 @@ def _from_wit(res: Record) -> HttpResponse:
     return HttpResponse(res.status, headers, bytes(res.body))
 
 
+async def _client_left(disconnected: Callable[[], Awaitable[bool]]) -> None:
+    while not await disconnected():
+        await asyncio.sleep(0.25)
+
+
 class Runtime:
     def __init__(self, capabilities: Sequence[HostCapability], cache_dir: Path, guest_threads: int = 8,
                  queue_limit: int = 64) -> None:
@@ -205,8 +223,10 @@ class Runtime:
     def load(self, wasm: Path, sha256: str | None = None) -> Component:
         return self.cache.load(wasm, sha256)
 
-    def handle(self, app: AppSpec, component: Component, request: HttpRequest, request_id: str) -> HttpResponse:
-        """Serve one request in a fresh instance. Blocking: call from a guest thread."""
+    def handle(self, app: AppSpec, component: Component, request: HttpRequest, request_id: str,
+               end: RequestEnd | None = None) -> HttpResponse:
+        """Serve one request in a fresh instance. Blocking: call from a guest thread. `end` lets another
+        thread end the request's host work (see `handle_async`)."""
         store = wasmtime.Store(self.wasmtime)
         out, err = GuestOutput(app.name, request_id, "stdout"), GuestOutput(app.name, request_id, "stderr")
         wasi = wasmtime.WasiConfig()  # no env, no args; sockets stay denied (wasmtime-py has no grant)
@@ -217,7 +237,7 @@ class Runtime:
         store.set_wasi(wasi)
         store.set_limits(memory_size=app.limits.memory_mb << 20)
         budget = CpuBudget(store, self.clock, app.limits.timeout_s)
-        ctx = RequestContext(app=app, request_id=request_id, host_wait=budget.host_wait)
+        ctx = RequestContext(app=app, request_id=request_id, host_wait=budget.host_wait, end=end or RequestEnd())
         token = current.set(ctx)
         try:
             instance = self.linker.instantiate(store, component)
@@ -243,16 +263,43 @@ class Runtime:
             err.flush()
             store.close()
 
-    async def handle_async(self, app: AppSpec, component: Component, request: HttpRequest,
-                           request_id: str) -> HttpResponse:
+    async def handle_async(self, app: AppSpec, component: Component, request: HttpRequest, request_id: str,
+                           disconnected: Callable[[], Awaitable[bool]] | None = None) -> HttpResponse:
+        """Serve one request on a guest thread, within the app's wall-clock deadline. When the deadline
+        passes, or `disconnected()` says the client left, the request's inference is cancelled and
+        its later host calls fail, so its guest finishes soon; the guest thread stays counted in
+        `in_flight` until it does. (A guest blocked in WASI sleep or poll cannot be interrupted:
+        wasmtime has no way to; it holds its thread until the sleep ends.)"""
         if self.in_flight >= self.capacity:
             raise Busy(f"{self.in_flight} requests are already running or waiting; try again shortly")
         self.in_flight += 1
+        end = RequestEnd()
+        work = asyncio.get_running_loop().run_in_executor(
+            self.guest_threads, self.handle, app, component, request, request_id, end)
+        work.add_done_callback(self._thread_free)
+        left = asyncio.ensure_future(_client_left(disconnected)) if disconnected else None
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.guest_threads, self.handle, app, component, request, request_id)
+            done, _ = await asyncio.wait({work} | ({left} if left else set()), timeout=app.limits.wall_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                return work.result()
+            if left is not None and left in done:
+                end.end(ClientGone(f"the client of app {app.name!r} went away"))
+                raise ClientGone(f"the client of app {app.name!r} went away")
+            error = GuestTimeout(f"app {app.name!r} did not answer within {app.limits.wall_timeout_s:g} s")
+            end.end(error)
+            raise error
+        except asyncio.CancelledError:  # the server is shutting down, or the handler was cancelled
+            end.end(ClientGone("the request was cancelled"))
+            raise
         finally:
-            self.in_flight -= 1
+            if left is not None:
+                left.cancel()
+
+    def _thread_free(self, work: "asyncio.Future[HttpResponse]") -> None:
+        self.in_flight -= 1
+        if not work.cancelled():
+            work.exception()  # retrieved: an abandoned request's failure is not an unhandled one
 
     def close(self) -> None:
         self.guest_threads.shutdown(wait=False, cancel_futures=True)

@@ -120,3 +120,23 @@ def files(req: Request) -> Response:
         except Exception as exc:
             report[name] = f"denied: {type(exc).__name__}"
     return Response.json(report)
+
+
+@app.get("/sleep")
+def nap(req: Request) -> Response:
+    """Block in a host call (WASI sleep): the CPU deadline does not see it, the wall clock does."""
+    import time
+
+    time.sleep(float(req.args.get("s", "30")))
+    return Response.json({"slept": True})
+
+
+@app.get("/long-llm")
+def long_llm(req: Request) -> Response:
+    """A long generation, for deadlines and clients that leave."""
+    try:
+        out = llm.chat([{"role": "user", "content": "Write a very long story about a frog."}], max_tokens=400,
+                       temperature=0)
+    except LLMError as exc:
+        return Response.json({"error": type(exc).__name__, "message": str(exc)}, status=504)
+    return Response.json({"tokens": out.usage.generated_tokens})

@@ -74,6 +74,16 @@ class Sequence:
 
 
 @dataclass
+class Embedding:
+    """An embed call in progress: one text is embedded per turn, between decode ticks."""
+
+    call: wire.Call
+    texts: list[str]
+    vectors: list[list[float]] = field(default_factory=list)
+    used: int = 0
+
+
+@dataclass
 class Batcher:
     model: BatchModel
     emit: Emit
@@ -85,6 +95,7 @@ class Batcher:
     inbox: queue.Queue[Any] = field(default_factory=queue.Queue)
     _waiting: deque[wire.Assign] = field(default_factory=deque, init=False)
     _active: dict[str, Sequence] = field(default_factory=dict, init=False)
+    _embeds: deque[Embedding] = field(default_factory=deque, init=False)
     # The ids this batcher holds, republished (one reference swap, atomic under the GIL) after every
     # round of messages, for heartbeats read on the network thread.
     held: tuple[str, ...] = field(default=(), init=False)
@@ -103,8 +114,8 @@ class Batcher:
 
     @property
     def idle(self) -> bool:
-        """Nothing running or waiting (as of the last turn)."""
-        return not self._active and not self._waiting
+        """Nothing running, waiting or being embedded (as of the last turn)."""
+        return not self._active and not self._waiting and not self._embeds
 
     # --- the loop ---------------------------------------------------------------------------------
     def run(self) -> None:
@@ -134,11 +145,19 @@ class Batcher:
                 log.exception("decode failed")
                 for seq in list(self._active.values()):
                     self._finish(seq, error=LLMError(f"decode failed: {exc}"))
+        if self._embeds:
+            self._embed_one()
         return True
 
     def _handle(self, message: Any) -> None:
         if isinstance(message, wire.Assign):
             self._waiting.append(message)
+        elif isinstance(message, wire.Call) and message.method == "embed":
+            texts = message.args.get("texts")
+            if isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts):
+                self._embeds.append(Embedding(message, texts))
+            else:
+                self.emit(jobs.failed_message(message.id, InvalidInput("embed takes a non-empty list of texts")))
         elif isinstance(message, wire.Call):
             self._call(message)
         elif message is _DROP_ALL:
@@ -147,6 +166,7 @@ class Batcher:
             # A cancelled generation ends with what it used ("cancelled"); a preempted one is resumed
             # later by the broker, which only needs to hear that its slot is free.
             cancel = isinstance(message, wire.Cancel)
+            self._embeds = deque(e for e in self._embeds if e.call.id != message.id)
             for i, waiting in enumerate(self._waiting):
                 if waiting.id == message.id:
                     del self._waiting[i]
@@ -163,11 +183,8 @@ class Batcher:
 
     def _call(self, call: wire.Call) -> None:
         try:
-            if call.method == "embed":
-                vectors, used = self.model.embed(call.args["texts"])
-                value: Any = {"embeddings": vectors, "prompt_tokens": used}
-            elif call.method == "tokenize":
-                value = self.model.tokenize(call.args["text"], add_special=False, parse_special=False)
+            if call.method == "tokenize":
+                value: Any = self.model.tokenize(call.args["text"], add_special=False, parse_special=False)
             elif call.method == "detokenize":
                 value = self.model.detokenize(call.args["tokens"])
             else:
@@ -183,6 +200,24 @@ class Batcher:
             self.emit(wire.Result(call.id, value))
             return
         self.emit(jobs.failed_message(call.id, error))
+
+    def _embed_one(self) -> None:
+        """One text of the oldest embed call: a running sequence waits at most one text's time."""
+        embedding = self._embeds[0]
+        try:
+            vectors, used = self.model.embed([embedding.texts[len(embedding.vectors)]])
+        except Exception as exc:
+            self._embeds.popleft()
+            if not isinstance(exc, AmphibiaError):
+                log.exception("embed failed")
+            error = exc if isinstance(exc, AmphibiaError) else LLMError(f"embed failed: {exc}")
+            self.emit(jobs.failed_message(embedding.call.id, error))
+            return
+        embedding.vectors += vectors
+        embedding.used += used
+        if len(embedding.vectors) == len(embedding.texts):
+            self._embeds.popleft()
+            self.emit(wire.Result(embedding.call.id, {"embeddings": embedding.vectors, "prompt_tokens": embedding.used}))
 
     def _admit(self) -> None:
         taken = {seq.slot for seq in self._active.values()}
@@ -200,7 +235,7 @@ class Batcher:
                 continue
             free.pop(0)
             self._active[seq.id] = seq
-            self.emit(wire.Started(seq.id, seq.prompt_tokens))
+            self.emit(wire.Started(seq.id, seq.prompt_tokens, len(seq.tokens)))
 
     def _sequence(self, assign: wire.Assign, slot: int) -> Sequence:
         params = SamplingParams.from_dict(assign.params).validate(self.model.n_ctx)
@@ -274,6 +309,7 @@ class Batcher:
         for seq in list(self._active.values()):
             self._release(seq)
         self._waiting.clear()
+        self._embeds.clear()
 
 
 _DROP_ALL = object()  # an inbox command of the worker's own, not a wire message

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ...config import AppSpec, PoolConfig
-from ...errors import Overloaded
+from ...errors import AmphibiaError, InferenceTimeout, LLMError, Overloaded
 from ..types import Usage
 from . import wire
 from .jobs import CallJob, GenerationJob, error_of
 from .metrics import PoolMetrics
 
 log = logging.getLogger("amphibia.broker")
+POISON_CRASHES = 2  # a request on this many workers that went away is failed, not placed again
 
 
 @dataclass(eq=False)
@@ -64,27 +65,36 @@ class Broker:
         return sum(len(q) for q in self.queues.values())
 
     def _active(self, app: str) -> int:
-        return sum(1 for j in self.jobs.values() if j.app.name == app)
+        return (sum(1 for j in self.jobs.values() if j.app.name == app)
+                + sum(1 for c in self.calls.values() if c.app.name == app))
+
+    def _admit(self, app: AppSpec) -> None:
+        """Refuse new work for `app` at once (Overloaded) when a limit says so; generations and calls
+        count alike."""
+        limits, name = app.limits, app.name
+        reason = None
+        if self.queued() + len(self._pending_calls) >= self.config.max_queue:
+            reason, retry = f"the pool queue is full ({self.config.max_queue} waiting)", 1000
+        elif self._active(name) >= limits.max_concurrent:
+            reason, retry = f"app {name!r} already has {limits.max_concurrent} requests in the pool", 500
+        elif limits.tokens_per_minute and self._tokens_last_minute(name) >= limits.tokens_per_minute:
+            oldest = self._tokens[name][0][0]
+            reason, retry = (f"app {name!r} used its {limits.tokens_per_minute} tokens per minute",
+                             int(max(0.1, 60 - (time.monotonic() - oldest)) * 1000))
+        if reason:
+            self.metrics.rejections.labels(name, "overloaded").inc()
+            raise Overloaded(reason, retry)
 
     def submit_call(self, job: CallJob) -> None:
+        """Place `job` on a worker (or hold it until one joins), or refuse it at once."""
+        self._admit(job.app)
         self.calls[job.id] = job
         self._place_call(job)
 
     def submit(self, job: GenerationJob) -> None:
         """Queue `job` or refuse it at once (Overloaded) when a limit says so."""
-        app, limits = job.app.name, job.app.limits
-        reason = None
-        if self.queued() >= self.config.max_queue:
-            reason, retry = f"the pool queue is full ({self.config.max_queue} waiting)", 1000
-        elif self._active(app) >= limits.max_concurrent:
-            reason, retry = f"app {app!r} already has {limits.max_concurrent} requests in the pool", 500
-        elif limits.tokens_per_minute and self._tokens_last_minute(app) >= limits.tokens_per_minute:
-            oldest = self._tokens[app][0][0]
-            reason, retry = (f"app {app!r} used its {limits.tokens_per_minute} tokens per minute",
-                             int(max(0.1, 60 - (time.monotonic() - oldest)) * 1000))
-        if reason:
-            self.metrics.rejections.labels(app, "overloaded").inc()
-            raise Overloaded(reason, retry)
+        app = job.app.name
+        self._admit(job.app)
         if not self._backlogged(app):
             busy = [self.service[a] for a in self._backlogged_apps()]
             if busy:  # VTC lift: returning from idle does not bank credit
@@ -94,7 +104,9 @@ class Broker:
         self.metrics.queue_depth.labels(app).set(len(self.queues[app]))
         self._dispatch()
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, job_id: str, error: AmphibiaError | None = None) -> None:
+        """Stop a request wherever it is and free its slot. Its sink hears `error`, or else (a client
+        that left) a generation ends as "cancelled" with what it used. Unknown ids are ignored."""
         call = self.calls.pop(job_id, None)
         if call is not None:
             if call in self._pending_calls:
@@ -102,11 +114,16 @@ class Broker:
             if call.worker is not None:
                 call.worker.calls.pop(call.id, None)
                 call.worker.send(wire.Cancel(call.id))
+            if error is not None:
+                call.sink.fail(error)
             return
         job = self.jobs.pop(job_id, None)
         if job is None:
             return
-        job.sink.done(Usage(job.prompt_tokens, job.generated), "cancelled")
+        if error is not None:
+            job.sink.fail(error)
+        else:
+            job.sink.done(Usage(job.prompt_tokens, job.generated), "cancelled")
         queue = self.queues.get(job.app.name)
         if queue is not None and job in queue:
             queue.remove(job)
@@ -205,6 +222,8 @@ class Broker:
         self._dispatch()
 
     def remove_worker(self, worker: WorkerLink) -> None:
+        """A worker left (it died, or its link did): its work resumes elsewhere, except work that was
+        on a worker that went away twice, which is failed as poison rather than placed again."""
         if self.workers.get(worker.id) is not worker:
             return
         del self.workers[worker.id]
@@ -213,13 +232,32 @@ class Broker:
         lost = list(worker.running.values())
         for job in reversed(lost):  # resume each from what it delivered, ahead of newer requests
             job.worker = None
-            self.queues[job.app.name].appendleft(job)
+            job.crashes += 1
             self._event(job, "lost")
-        for job in worker.calls.values():
-            job.worker = None
-            self._place_call(job)
+            if job.crashes >= POISON_CRASHES:
+                self._fail_poison(job)
+            else:
+                self.queues[job.app.name].appendleft(job)
+        for call in list(worker.calls.values()):
+            call.worker = None
+            call.crashes += 1
+            if call.crashes >= POISON_CRASHES:
+                self._fail_poison(call)
+            else:
+                self._place_call(call)
+        worker.running.clear()
+        worker.calls.clear()
         log.warning("worker %s left; %d running request(s) will resume elsewhere", worker.id, len(lost))
         self._dispatch()
+
+    def _fail_poison(self, job: GenerationJob | CallJob) -> None:
+        log.error("app=%s request=%s: job %s was on %d workers that went away; failing it", job.app.name,
+                  job.request_id or "-", job.id, job.crashes)
+        self.metrics.rejections.labels(job.app.name, "poison").inc()
+        self.jobs.pop(job.id, None)
+        self.calls.pop(job.id, None)
+        job.sink.fail(LLMError(f"this request was on {job.crashes} workers that went away while serving it; "
+                               f"it is not placed again"))
 
     def on_message(self, worker: WorkerLink, msg: wire.Message) -> None:
         worker.last_seen = time.monotonic()
@@ -231,6 +269,7 @@ class Broker:
             if call.worker is worker and isinstance(msg, (wire.Result, wire.Failed)):
                 self._finish_call(call)
                 if isinstance(msg, wire.Result):
+                    self._charge_call(call, msg.value)
                     call.sink.result(msg.value)
                 else:
                     call.sink.fail(error_of(msg))
@@ -240,8 +279,9 @@ class Broker:
             return  # the last words about a cancelled job, or late news from a worker that lost it
         app = job.app
         if isinstance(msg, wire.Started):
+            # Charged for everything it prefills: its prompt, and any text it resumes after.
             job.prompt_tokens = msg.prompt_tokens
-            self._charge(app, self.config.prompt_weight * msg.prompt_tokens)
+            self._charge(app, self.config.prompt_weight * max(msg.prefill_tokens, msg.prompt_tokens))
         elif isinstance(msg, wire.Token):
             now = time.monotonic()
             if job.generated == 0 or not job.text:
@@ -320,13 +360,23 @@ class Broker:
     def _charge(self, app: AppSpec, cost: float) -> None:
         self.service[app.name] += cost / max(app.weight, 1e-6)
 
+    def _charge_call(self, call: CallJob, value: object) -> None:
+        """Embeddings cost their prompt tokens, like a generation's prefill; other calls are cheap."""
+        used = value.get("prompt_tokens", 0) if isinstance(value, dict) else 0
+        if isinstance(used, int) and used > 0:
+            self._charge(call.app, self.config.prompt_weight * used)
+            if call.app.limits.tokens_per_minute:
+                self._tokens[call.app.name].append((time.monotonic(), used))
+
     def _event(self, job: GenerationJob, kind: str) -> None:
         self.timeline.append({"t": time.time(), "event": kind, "job": job.id, "app": job.app.name,
                               "worker": job.worker.id if job.worker else None, "generated": job.generated})
 
     # --- housekeeping -------------------------------------------------------------------------------
     def expire(self) -> None:
-        """Refuse requests that waited longer than their app allows (run every fraction of a second)."""
+        """End every wait (run every fraction of a second): requests that waited for a slot longer than
+        their app allows are refused, and any request past its deadline (its app's llm_timeout_s, from
+        submission, queueing and resumes included) is cancelled with a timeout."""
         now = time.monotonic()
         for app, queue in self.queues.items():
             for job in [j for j in queue if not j.started and now - j.enqueued > j.app.limits.max_queue_wait_s]:
@@ -335,6 +385,14 @@ class Broker:
                 self.metrics.rejections.labels(app, "queue_wait").inc()
                 job.sink.fail(Overloaded(f"no slot for app {app!r} within {job.app.limits.max_queue_wait_s:g} s", 1000))
             self.metrics.queue_depth.labels(app).set(len(queue))
+        for late in [j for j in (*self.jobs.values(), *self.calls.values()) if now > j.deadline]:
+            self.metrics.rejections.labels(late.app.name, "timeout").inc()
+            self.cancel(late.id, InferenceTimeout(
+                f"the request did not finish within {late.app.limits.llm_timeout_s:g} s"))
+        for call in [c for c in self._pending_calls if now - c.enqueued > c.app.limits.max_queue_wait_s]:
+            self.metrics.rejections.labels(call.app.name, "queue_wait").inc()
+            self.cancel(call.id, Overloaded(f"no worker for model {call.model!r} within "
+                                            f"{call.app.limits.max_queue_wait_s:g} s", 1000))
 
     async def housekeeping(self, period_s: float = 0.25) -> None:
         while True:

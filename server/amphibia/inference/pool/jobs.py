@@ -86,13 +86,20 @@ class GenerationJob:
     preemptions: int = 0
     assigned_at: float = 0.0
     missed: int = 0  # consecutive heartbeats of its worker that did not list it
+    crashes: int = 0  # workers that went away while holding it
+    deadline: float = 0.0  # monotonic; the app's llm_timeout_s after submission
 
     def __post_init__(self) -> None:
         self.text, self.generated = self.generation.resume_text, self.generation.resume_tokens
+        self.deadline = self.enqueued + self.app.limits.llm_timeout_s
 
     @property
     def model(self) -> str:
         return self.generation.model
+
+    @property
+    def request_id(self) -> str:
+        return self.generation.request_id
 
     def assign(self) -> wire.Assign:
         return assign_message(self.id, self.generation, self.text, self.generated)
@@ -108,10 +115,19 @@ class CallJob:
     id: str = field(default_factory=lambda: next_id("c"))
     worker: "WorkerLink | None" = None
     enqueued: float = field(default_factory=time.monotonic)
+    crashes: int = 0  # workers that went away while holding it
+    deadline: float = 0.0  # monotonic; the app's llm_timeout_s after submission
+
+    def __post_init__(self) -> None:
+        self.deadline = self.enqueued + self.app.limits.llm_timeout_s
 
     @property
     def model(self) -> str:
         return self.call.model
+
+    @property
+    def request_id(self) -> str:
+        return self.call.request_id
 
     def message(self) -> wire.Call:
         return call_message(self.id, self.call)

@@ -22,3 +22,6 @@ class PoolMetrics:
         self.tokens = Counter("amphibia_generated_tokens", "Generated tokens", ["app"], registry=r)
         self.preemptions = Counter("amphibia_preemptions", "Sequences preempted by time slicing", ["app"], registry=r)
         self.rejections = Counter("amphibia_rejections", "Requests refused", ["app", "reason"], registry=r)
+        # A worker that keeps dying (a bad GGUF, the OOM killer) shows here before anyone reads a log.
+        self.worker_restarts = Counter("amphibia_worker_restarts", "Local worker processes restarted after they exited",
+                                       ["worker"], registry=r)

@@ -2,10 +2,13 @@
 builds their command line, for `amphibia up`, notebooks, benchmarks and tests alike."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +46,7 @@ def spawn_worker(gateway_url: str, token: str, *, model: str = "smollm2", slots:
 
 
 def stop_worker(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """Terminate, and kill what does not exit within `timeout_s`; always reaped (no zombie left)."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -50,3 +54,61 @@ def stop_worker(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class Supervisor:
+    """Keeps one local worker process running: `amphibia up` must not lose its only worker to a
+    crash (or the OOM killer) for good. A process that exits is started again after a backoff that
+    doubles from `min_backoff_s` to `max_backoff_s` (a worker that dies at once should not spin the
+    CPU) and falls back to the minimum once a process has stayed up `stable_s`. The new process dials
+    the gateway with the same worker id, so the broker takes it back by itself.
+    """
+
+    def __init__(self, start: Callable[[], subprocess.Popen], name: str, *,
+                 on_restart: Callable[[], None] = lambda: None, min_backoff_s: float = 0.5,
+                 max_backoff_s: float = 30.0, stable_s: float = 60.0, poll_s: float = 0.25) -> None:
+        self.start, self.name, self.on_restart = start, name, on_restart
+        self.min_backoff_s, self.max_backoff_s = min_backoff_s, max_backoff_s
+        self.stable_s, self.poll_s = stable_s, poll_s
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self._task: asyncio.Task | None = None
+
+    def run(self) -> asyncio.Task:
+        """Start the first process now and watch it from a task on the running loop."""
+        self.proc = self._spawn()
+        self._task = asyncio.create_task(self._watch(), name=f"supervise-{self.name}")
+        return self._task
+
+    def _spawn(self) -> subprocess.Popen | None:
+        try:
+            return self.start()
+        except OSError as exc:  # no memory to fork, say: the same as a process that died at once
+            log.error("worker %s could not be started: %s", self.name, exc)
+            return None
+
+    async def _watch(self) -> None:
+        backoff = self.min_backoff_s
+        while True:
+            started = time.monotonic()
+            # Polling, not a thread blocked in wait(): cancelling the task at shutdown then stops it at once.
+            while self.proc is not None and self.proc.poll() is None:
+                await asyncio.sleep(self.poll_s)
+            if time.monotonic() - started >= self.stable_s:
+                backoff = self.min_backoff_s
+            code = self.proc.returncode if self.proc is not None else None
+            log.warning("worker %s exited with status %s; restarting it in %.1f s", self.name, code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(self.max_backoff_s, backoff * 2)
+            self.restarts += 1
+            self.on_restart()
+            self.proc = self._spawn()
+
+    async def stop(self) -> None:
+        """Stop watching first (so nothing restarts what shutdown stops), then stop the process."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.proc is not None:
+            await asyncio.to_thread(stop_worker, self.proc)

@@ -11,11 +11,12 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 PROTOCOL_VERSION = 2  # checked at hello: a worker of another version is refused with a clear reason
-MAX_FRAME_BYTES = 1 << 20
+MAX_FRAME_BYTES = 1 << 20  # both ways, in bytes; the WebSocket servers' maximum message size too
 # Close codes of the pool's and the bridge's sockets (4000-4999 are the application's own range)
 CLOSE_PROTOCOL = 4400
 CLOSE_BAD_TOKEN = 4401
 CLOSE_ORIGIN = 4403  # bridge: the page's origin is not the token's or not allowed
+CLOSE_NOT_READING = 4408  # the peer lets what it is sent pile up
 CLOSE_FLOOD = 4429  # bridge: too many messages
 CLOSE_TOO_BIG = 1009
 
@@ -60,11 +61,13 @@ class Heartbeat(Message):
 
 @dataclass
 class Started(Message):
-    """A generation got its slot; `prompt_tokens` is what it costs to prefill."""
+    """A generation got its slot: `prompt_tokens` are its prompt's (reported to the client),
+    `prefill_tokens` all it prefills, resumed text included (what it is charged)."""
 
     type: ClassVar[str] = "started"
     id: str
     prompt_tokens: int
+    prefill_tokens: int = 0
 
 
 @dataclass
@@ -167,11 +170,20 @@ _TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": d
           "list[dict] | None": (list, type(None)), "str | None": (str, type(None)), "Any": object}
 
 
+def frame_bytes(frame: str) -> int:
+    """A text frame's size on the wire. Our own frames are ASCII (json.dumps escapes the rest), so the
+    character count is the byte count; a peer's may not be, and only a long one is worth encoding."""
+    if len(frame) * 4 <= MAX_FRAME_BYTES:
+        return len(frame)
+    return len(frame.encode("utf-8", "surrogatepass"))
+
+
 def decode(frame: str | bytes, allowed: tuple[type[Message], ...] | None = None) -> Message:
     if isinstance(frame, bytes):
         raise ProtocolError("binary frames are not part of the protocol")
-    if len(frame) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame of {len(frame)} bytes is over the {MAX_FRAME_BYTES} limit", CLOSE_TOO_BIG)
+    size = frame_bytes(frame)
+    if size > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {size} bytes is over the {MAX_FRAME_BYTES} limit", CLOSE_TOO_BIG)
     try:
         data = json.loads(frame)
     except ValueError as exc:

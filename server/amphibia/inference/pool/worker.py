@@ -20,8 +20,10 @@ import websockets
 from ... import __version__
 from ...config import ModelSpec
 from ..llama_model import LlamaModel
+from ...errors import LLMError
 from . import wire
 from .batcher import Batcher
+from .jobs import failed_message
 
 log = logging.getLogger("amphibia.worker")
 
@@ -98,11 +100,22 @@ async def connect_forever(opts: WorkerOptions, batcher: Batcher, outbox: asyncio
         backoff = min(opts.max_backoff_s, backoff * 2)
 
 
+def _frame(msg: wire.Message) -> str:
+    """`msg` as a frame within the limit; an answer too large to send fails its request instead of
+    the connection (the gateway would close a worker that sends an oversized frame)."""
+    frame = msg.encode()
+    size = wire.frame_bytes(frame)
+    if size > wire.MAX_FRAME_BYTES and isinstance(msg, (wire.Result, wire.Token)):
+        error = LLMError(f"the answer is {size} bytes, over the pool's frame limit of {wire.MAX_FRAME_BYTES}")
+        frame = failed_message(msg.id, error).encode()
+    return frame
+
+
 async def _session(ws: websockets.ClientConnection, batcher: Batcher, outbox: asyncio.Queue,
                    heartbeat_s: float, stop: asyncio.Event) -> None:
     async def send() -> None:
         while True:
-            await ws.send((await outbox.get()).encode())
+            await ws.send(_frame(await outbox.get()))
 
     async def beat() -> None:
         while True:
