@@ -109,7 +109,8 @@ def pool() -> Iterator[Pool]:
     from amphibia.http.app import create_app
 
     apps = {**discover_apps(EXAMPLES), **discover_apps(TEST_APPS)}
-    apps["limited"] = replace(apps["misbehave"], name="limited", limits=Limits(max_concurrent=2, timeout_s=5, wall_timeout_s=3))
+    apps["limited"] = replace(apps["misbehave"], name="limited", limits=Limits(max_concurrent=2, timeout_s=5, wall_timeout_s=3),
+                               bridge=False)  # pages may not use it
     # A plain "third-party" web server on another origin, serving examples/embed.html.
     third_party_port = free_port()
     third_party = subprocess.Popen([sys.executable, "-m", "http.server", str(third_party_port), "--bind", "127.0.0.1",

@@ -81,6 +81,9 @@ class ScriptedModel:
     def release(self, slot: int) -> None:
         self.kv.pop(slot, None)
 
+    def piece(self, token: int) -> bytes:
+        return self._bytes([token])
+
     def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         return [[1.0, 0.0] for _ in texts], sum(len(t) for t in texts)
 
@@ -126,11 +129,33 @@ def end_of(out: list[Any], id: str) -> Any:
 
 
 def test_tokens_stream_and_done_counts_them() -> None:
-    _, batcher, out = setup({"hi": [b"Hel", b"lo", b"!"]})
+    model, batcher, out = setup({"hi": [b"Hel", b"lo", b"!"]})
     batcher.submit(assign("a", "hi"))
     until_idle(batcher)
-    assert out == [wire.Started("a", 2, 2), wire.Token("a", "Hel"), wire.Token("a", "lo"), wire.Token("a", "!"),
-                   wire.Done("a", 2, 3, "stop")]
+    hel, lo, bang = (model.ids[p] for p in (b"Hel", b"lo", b"!"))
+    assert out == [wire.Started("a", 2, 2), wire.Token("a", "Hel", 1, [hel]), wire.Token("a", "lo", 1, [lo]),
+                   wire.Token("a", "!", 1, [bang]), wire.Done("a", 2, 3, "stop")]
+
+
+def test_a_generation_resumed_from_its_token_ids_goes_on_exactly() -> None:
+    """Tokens whose bytes are held (half a UTF-8 character) travel with the next piece; a worker that
+    resumes from the delivered ids rebuilds the same KV and the same held text, so nothing is lost,
+    repeated or re-tokenized differently."""
+    answer = {"q": [b"caf", b"\xc3", b"\xa9", b" ok"]}
+    model, first, out = setup(answer)
+    first.submit(assign("a", "q"))
+    until_idle(first)
+    tokens = [m for m in out if isinstance(m, wire.Token)]
+    assert [(t.text, t.n) for t in tokens] == [("caf", 1), ("\u00e9", 2), (" ok", 1)]
+    for delivered in (1, 2):  # the worker died after one piece, or after two
+        _, second, again = setup(answer)
+        ids = [i for t in tokens[:delivered] for i in t.ids]
+        text = "".join(t.text for t in tokens[:delivered])
+        second.submit(wire.Assign(id="a", model="m", params={"temperature": 0.0, "max_tokens": 16}, prompt="q",
+                                  resume_text=text, resume_tokens=len(ids), resume_ids=ids))
+        until_idle(second)
+        assert text + text_of(again, "a") == "caf\u00e9 ok"
+        assert end_of(again, "a") == wire.Done("a", 1, 4, "stop")
 
 
 def test_max_tokens_ends_with_length() -> None:
@@ -220,7 +245,7 @@ def test_cancel_frees_the_slot_and_a_waiting_sequence_takes_it_in_the_same_tick(
     batcher.submit(wire.Cancel("a"))
     batcher.submit(wire.Cancel("c"))  # still waiting: it just goes
     batcher.turn()
-    assert wire.Started("b", 1, 1) in out and out[-1] == wire.Token("b", "B")
+    assert wire.Started("b", 1, 1) in out and out[-1].text == "B"
     # Each cancelled request ends with what it used, and nothing after.
     assert [m for m in out if m.id == "c"] == [wire.Done("c", 0, 0, "cancelled")]
     ended_a = [m for m in out if isinstance(m, (wire.Done, wire.Failed)) and m.id == "a"]

@@ -279,3 +279,15 @@ def test_resumed_text_is_charged_as_prefill() -> None:
     broker.submit(j)
     broker.on_message(link, wire.Started(j.id, 10, 60))
     assert j.prompt_tokens == 10 and broker.service["r"] == 60
+
+
+def test_a_resumed_job_carries_the_token_ids_it_delivered() -> None:
+    broker = Broker(PoolConfig())
+    link, _ = worker(broker)
+    j = job(app("x"))
+    broker.submit(j)
+    broker.on_message(link, wire.Started(j.id, 3))
+    broker.on_message(link, wire.Token(j.id, "ab", 2, [7, 8]))
+    broker.remove_worker(link)
+    _, sent = worker(broker)
+    assert (sent[-1].resume_text, sent[-1].resume_tokens, sent[-1].resume_ids) == ("ab", 2, [7, 8])

@@ -45,3 +45,17 @@ def test_import_that_cannot_work_in_the_sandbox(tmp_path: Path) -> None:
 def test_missing_app_py(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match="no app.py"):
         build(tmp_path)
+
+
+def test_import_time_code_changes_nothing_outside_the_build(tmp_path: Path) -> None:
+    """componentize-py runs an app's imports at build time; they see copies of the app and the SDK."""
+    import amphibia_guest
+
+    sdk = Path(amphibia_guest.__file__).parent
+    (tmp_path / "app.py").write_text(
+        "import os\nimport amphibia_guest\nfrom amphibia_guest import App\napp = App()\n"
+        "open(os.path.join(os.path.dirname(__file__), 'written-at-build.txt'), 'w').write('x')\n"
+        "open(os.path.join(os.path.dirname(amphibia_guest.__file__), 'written-at-build.txt'), 'w').write('x')\n")
+    assert build(tmp_path).rebuilt
+    assert not (tmp_path / "written-at-build.txt").exists()
+    assert not (sdk / "written-at-build.txt").exists()

@@ -89,6 +89,18 @@ def test_bench_pool_quick_prints_the_promised_keys() -> None:
     assert 0 < result["fairness"]["jain"] <= 1 and isinstance(result["overhead_pct"], (int, float))
 
 
+def test_bench_chaos_quick_accounts_for_every_request() -> None:
+    """Three supervised workers, SIGKILLs, dropped clients and bad inputs under load, shortened: every
+    request completes or fails clearly, and the pool ends with no slot held."""
+    out = run("bench", "chaos", "--quick", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["worker_kills"] >= 2 and result["completed"] > 50, result
+    assert result["lost"] == result["hung"] == result["slots_leaked"] == 0, result
+    assert result["requests"] == (result["completed"] + result["failed_clear"] + result["dropped"]
+                                  + result["lost"] + result["hung"])
+
+
 def test_access_log_keeps_bridge_tokens_out() -> None:
     import logging
 

@@ -315,4 +315,43 @@ def test_every_response_carries_its_request_id(http: httpx.Client) -> None:
         assert len(http.get(path).headers["x-request-id"]) >= 8, path
     res = http.get("/apps/misbehave/raise", headers={"x-request-id": "trace-42"})
     assert res.headers["x-request-id"] == "trace-42" and res.status_code == 500
-    assert http.get("/healthz", headers={"x-request-id": "bad id\n"}).headers["x-request-id"] != "bad id\n"
+    assert http.get("/healthz", headers={"x-request-id": "x" * 100}).headers["x-request-id"] != "x" * 100
+
+
+def test_one_client_cannot_hold_every_socket(config, engine) -> None:
+    """`[server] max_sockets_per_ip`: a client over it is refused, and served again once it lets go."""
+    import asyncio
+    from dataclasses import replace
+
+    import websockets
+
+    from amphibia.http.app import create_app
+    from amphibia.loopback import serve_in_thread
+
+    capped = replace(config, server=replace(config.server, max_sockets_per_ip=2))
+    served = serve_in_thread(create_app(capped, engine=engine, warm_model=False))
+    try:
+        token = httpx.get(f"{served.url}/bridge/token", params={"app": "chat"}).json()["token"]
+        url = served.url.replace("http://", "ws://") + f"/bridge?token={token}"
+        ping = '{"type": "call", "id": "t", "model": "smollm2", "method": "tokenize", "args": {"text": "hi"}}'
+
+        async def answered(ws) -> bool:
+            await ws.send(ping)
+            return '"result"' in await asyncio.wait_for(ws.recv(), 30)
+
+        async def clients() -> tuple[bool, int | None, bool]:
+            async with websockets.connect(url, origin=served.url) as a, websockets.connect(url, origin=served.url) as b:
+                both = await answered(a) and await answered(b)
+                try:
+                    async with websockets.connect(url, origin=served.url) as c:
+                        await c.recv()
+                    code = None
+                except websockets.ConnectionClosed as closed:
+                    code = closed.rcvd.code if closed.rcvd else None
+            async with websockets.connect(url, origin=served.url) as d:  # the first two are closed now
+                return both, code, await answered(d)
+
+        both, code, later = asyncio.run(clients())
+        assert both and code == 4429 and later
+    finally:
+        served.stop()

@@ -304,6 +304,7 @@ def test_bridge_rejects_bad_tokens_origins_frames_and_floods(pool: Pool) -> None
     from amphibia.http.bridge import CLOSE_BAD_TOKEN, CLOSE_FLOOD, CLOSE_ORIGIN, issue_token
 
     assert bridge_token(pool, "nope").status_code == 404
+    assert bridge_token(pool, "limited").status_code == 403  # an app that did not opt in to the bridge
     assert bridge_token(pool, origin="https://evil.example").status_code == 403
     token = bridge_token(pool).json()["token"]
     secret = pool.app.state.gateway.bridge_secret

@@ -104,11 +104,23 @@ def _guest_traceback(stderr: str, app_dir: Path) -> BuildError:
 
 
 def componentize(app_dir: Path, out: Path) -> None:
+    """componentize-py runs the app's import-time code to pre-initialise it, with the search paths
+    mounted in its sandbox: it gets copies of the app and the SDK, so that code can change nothing
+    outside the build (not the app folder, not the shared guest-sdk/)."""
+    with tempfile.TemporaryDirectory(prefix="amphibia-build-") as tmp:
+        app_copy, sdk_copy = Path(tmp) / "app", Path(tmp) / "sdk"
+        skip = shutil.ignore_patterns(".amphibia", "__pycache__", ".git")
+        shutil.copytree(app_dir, app_copy, ignore=skip, symlinks=True)
+        shutil.copytree(SDK_DIR, sdk_copy / SDK_DIR.name, ignore=skip)
+        _componentize(app_dir, app_copy, sdk_copy, out)
+
+
+def _componentize(app_dir: Path, app_copy: Path, sdk_copy: Path, out: Path) -> None:
     cmd = [
         str(Path(sys.executable).parent / "componentize-py"),
         "-d", str(WIT_DIR), "-w", WORLD,
         "componentize", ENTRY_MODULE,
-        "-p", str(app_dir), "-p", str(SDK_DIR.parent),
+        "-p", str(app_copy), "-p", str(sdk_copy),
         "-o", str(out),
     ]
     if not Path(cmd[0]).exists():

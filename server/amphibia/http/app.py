@@ -36,6 +36,7 @@ from .bridge import bridge_socket, token_endpoint
 from .gateway import Gateway, default_models_of, load_apps
 from .pool import metrics, pool_status, worker_socket
 from .request_ids import RequestIds
+from .websocket import capped
 
 log = logging.getLogger("amphibia.gateway")
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
@@ -101,7 +102,8 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
             for supervisor in app.state.local_workers:
                 await supervisor.stop()
             runtime.close()
-            engine.close()
+            if pool_engine is not None:  # an engine handed in (tests, notebooks) is its owner's to close
+                pool_engine.close()
 
     app = Starlette(
         routes=[
@@ -112,8 +114,8 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
             Route("/apps/{name}/browser/", app_page),
             Route("/apps/{name}/browser/{path:path}", browser_file, methods=["GET", "HEAD"]),
             Route("/apps/{name}/{path:path}", app_route, methods=METHODS),
-            WebSocketRoute("/pool", worker_socket),
-            WebSocketRoute("/bridge", bridge_socket),
+            WebSocketRoute("/pool", capped(worker_socket)),
+            WebSocketRoute("/bridge", capped(bridge_socket)),
             Route("/bridge/token", token_endpoint),
             Route("/pool", pool_status),
             Route("/metrics", metrics),

@@ -76,6 +76,8 @@ async def token_endpoint(request: Request) -> Response:
     name = request.query_params.get("app", "")
     if name not in gateway.apps:
         raise AppNotFound(f"no app named {name!r}")
+    if not gateway.apps[name].spec.bridge:
+        raise Forbidden(f"app {name!r} does not take LLM calls from pages; set `bridge = true` in its app.toml")
     host_origin = _host_origin(request.url.scheme, request.headers.get("host", ""))
     origin = request.headers.get("origin", host_origin)
     if not origin_allowed(origin, host_origin, gateway.config.server.allowed_origins):
@@ -127,8 +129,8 @@ async def bridge_socket(websocket: WebSocket) -> None:
         await close(websocket, CLOSE_ORIGIN, "origin not allowed")
         return
     loaded = gateway.apps.get(grant.app)
-    if loaded is None:
-        await close(websocket, wire.CLOSE_PROTOCOL, "no such app")
+    if loaded is None or not loaded.spec.bridge:
+        await close(websocket, wire.CLOSE_PROTOCOL, "no such app takes LLM calls from pages")
         return
     app: AppSpec = loaded.spec
     outbox = Outbox()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocket
 from wasmtime.component import Component
 
 from ..build import build
@@ -26,6 +27,30 @@ class LoadedApp:
     manifest: dict
 
 
+class SocketCounts:
+    """Open WebSockets per client address, so one client cannot hold every socket the gateway can
+    serve. Touched only on the event loop."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+
+    def take(self, websocket: WebSocket) -> str | None:
+        """The client's address if it may open one more socket (release it later), else None."""
+        ip = websocket.client.host if websocket.client else "?"
+        if self.open.get(ip, 0) >= self.limit:
+            return None
+        self.open[ip] = self.open.get(ip, 0) + 1
+        return ip
+
+    def release(self, ip: str) -> None:
+        left = self.open.get(ip, 0) - 1
+        if left > 0:
+            self.open[ip] = left
+        else:
+            self.open.pop(ip, None)
+
+
 @dataclass
 class Gateway:
     """Read-only after startup, except `apps` and `failed` (filled by `load_apps`)."""
@@ -38,6 +63,10 @@ class Gateway:
     bridge_secret: bytes = b""  # signs browser bridge tokens; new per gateway process
     apps: dict[str, LoadedApp] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # app name -> build error, shown on the index
+    sockets: SocketCounts = field(init=False)  # open WebSockets per client address
+
+    def __post_init__(self) -> None:
+        self.sockets = SocketCounts(self.config.server.max_sockets_per_ip)
 
 
 def gateway_of(conn: HTTPConnection) -> Gateway:

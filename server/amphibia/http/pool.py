@@ -17,7 +17,7 @@ from .gateway import gateway_of
 from .websocket import Frame, Outbox, close, run_session
 
 log = logging.getLogger("amphibia.pool")
-HELLO_TIMEOUT_S = 10.0
+HELLO_TIMEOUT_S = 3.0  # an unauthenticated socket is not held longer than this
 
 
 async def worker_socket(websocket: WebSocket) -> None:

@@ -9,6 +9,7 @@ from typing import Awaitable, Callable
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..inference.pool import wire
+from .gateway import gateway_of
 
 Frame = str | bytes | None
 OUTBOX_LIMIT = 4096  # messages waiting to be sent on one socket; more means the peer is not reading
@@ -27,6 +28,24 @@ class Outbox:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:
             self.overflowed.set()
+
+
+def capped(handler: Callable[[WebSocket], Awaitable[None]]) -> Callable[[WebSocket], Awaitable[None]]:
+    """A WebSocket endpoint that refuses a client already holding `[server] max_sockets_per_ip`."""
+
+    async def endpoint(websocket: WebSocket) -> None:
+        counts = gateway_of(websocket).sockets
+        ip = counts.take(websocket)
+        if ip is None:  # accepted first, so that the client reads the close code and its reason
+            await websocket.accept()
+            await close(websocket, wire.CLOSE_FLOOD, "too many sockets from this address")
+            return
+        try:
+            await handler(websocket)
+        finally:
+            counts.release(ip)
+
+    return endpoint
 
 
 async def close(websocket: WebSocket, code: int, reason: str = "") -> None:

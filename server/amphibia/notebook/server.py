@@ -109,6 +109,8 @@ class BackgroundGateway:
             overrides["limits"] = self.limits
         elif isinstance(self.limits, dict) and isinstance(own, dict):
             overrides["limits"] = {**self.limits, **own}
+        # A notebook's gateway is the user's own: its apps take calls from pages (show, connect).
+        overrides.setdefault("bridge", True)
         return with_overrides(app, name, **overrides)
 
     def app_url(self, name: str) -> str:

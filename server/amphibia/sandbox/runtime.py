@@ -94,24 +94,37 @@ class CpuBudget:
 
 
 class GuestOutput:
-    """Guest stdout/stderr, logged line by line with the app name and request id."""
+    """Guest stdout/stderr, logged line by line with the app name and request id.
+
+    A line longer than MAX_LINE is logged in pieces of that size, so a guest that writes without
+    newlines costs bounded memory and linear time."""
+
+    MAX_LINE = 8192
 
     def __init__(self, app: str, request_id: str, stream: str) -> None:
         self.prefix = f"app={app} request={request_id} {stream}:"
-        self._partial = b""
+        self._partial = bytearray()
         self.tail = b""  # the last few KB, to recognise what a trap was about
 
     def write(self, data: bytes) -> None:
-        self.tail = (self.tail + data)[-4096:]
-        self._partial += data
-        *lines, self._partial = self._partial.split(b"\n")
+        self.tail = (self.tail + data[-4096:])[-4096:]
+        *lines, rest = bytes(data).split(b"\n")
         for line in lines:
-            guest_log.info("%s %s", self.prefix, line.decode(errors="replace"))
+            self._partial += line
+            self._log(bytes(self._partial))
+            self._partial.clear()
+        self._partial += rest
+        while len(self._partial) >= self.MAX_LINE:
+            self._log(bytes(self._partial[:self.MAX_LINE]))
+            del self._partial[:self.MAX_LINE]
+
+    def _log(self, line: bytes) -> None:
+        guest_log.info("%s %s", self.prefix, line.decode(errors="replace"))
 
     def flush(self) -> None:
         if self._partial:
-            guest_log.info("%s %s", self.prefix, self._partial.decode(errors="replace"))
-            self._partial = b""
+            self._log(bytes(self._partial))
+            self._partial.clear()
 
 
 class ComponentCache:

@@ -48,6 +48,7 @@ class BatchModel(Protocol):
     def admit(self, slot: int, params: SamplingParams, remembered: Seq[int] = ()) -> None: ...
     def step(self, feeds: Seq[Feed]) -> Seq[tuple[int, bytes, bool]]: ...
     def release(self, slot: int) -> None: ...
+    def piece(self, token: int) -> bytes: ...
     def embed(self, texts: Seq[str]) -> tuple[list[list[float]], int]: ...
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]: ...
     def detokenize(self, tokens: Seq[int]) -> str: ...
@@ -67,6 +68,7 @@ class Sequence:
     prefilled: int = 0
     pending: int | None = None  # sampled token not yet decoded
     pos: int = 0
+    unsent: list[int] = field(default_factory=list)  # sampled tokens not yet reported in a Token
 
     @property
     def prefilling(self) -> bool:
@@ -239,10 +241,19 @@ class Batcher:
 
     def _sequence(self, assign: wire.Assign, slot: int) -> Sequence:
         params = SamplingParams.from_dict(assign.params).validate(self.model.n_ctx)
-        tokens, n_prompt = self.model.prompt_tokens(assign.prompt, assign.messages, assign.resume_text)
+        text = TextAssembler(params.stop)
+        if assign.resume_ids:  # resumed from its own tokens: the same KV, and the same text state
+            tokens, n_prompt = self.model.prompt_tokens(assign.prompt, assign.messages)
+            tokens = tokens + assign.resume_ids
+            if len(tokens) >= self.model.n_ctx:
+                raise InvalidInput(f"prompt is {len(tokens)} tokens; the model's context holds {self.model.n_ctx}")
+            for token in assign.resume_ids:  # delivered already: only the assembler's state is wanted
+                text.feed(self.model.piece(token))
+        else:
+            tokens, n_prompt = self.model.prompt_tokens(assign.prompt, assign.messages, assign.resume_text)
         self.model.admit(slot, params, tokens[n_prompt:])  # the repeat penalty remembers resumed text
-        return Sequence(assign.id, slot, tokens, params, TextAssembler(params.stop),
-                        generated=assign.resume_tokens, prompt_tokens=n_prompt)
+        return Sequence(assign.id, slot, tokens, params, text, generated=assign.resume_tokens,
+                        prompt_tokens=n_prompt)
 
     def _tick(self) -> None:
         feeds: list[Feed] = []
@@ -282,9 +293,10 @@ class Batcher:
         if end:
             return self._finish(seq, "stop")
         seq.generated += 1
+        seq.unsent.append(token)
         text = seq.text.feed(piece)
         if text:
-            self.emit(wire.Token(seq.id, text))
+            self._send(seq, text)
         if seq.text.stopped:
             return self._finish(seq, "stop")
         if seq.generated >= seq.params.max_tokens or seq.pos >= self.model.n_ctx:
@@ -295,11 +307,15 @@ class Batcher:
         if error is None:
             tail = seq.text.flush()
             if tail:
-                self.emit(wire.Token(seq.id, tail))
+                self._send(seq, tail)
             self.emit(wire.Done(seq.id, seq.prompt_tokens, seq.generated, reason))
         else:
             self.emit(jobs.failed_message(seq.id, error))
         self._release(seq)
+
+    def _send(self, seq: Sequence, text: str) -> None:
+        self.emit(wire.Token(seq.id, text, len(seq.unsent), seq.unsent))
+        seq.unsent = []
 
     def _release(self, seq: Sequence) -> None:
         self._active.pop(seq.id, None)

@@ -290,6 +290,7 @@ class Broker:
                 self.metrics.inter_token.labels(app.name).observe(now - job.last_token)
             job.last_token = now
             job.text += msg.text
+            job.ids += msg.ids
             job.generated += msg.n
             self._charge(app, self.config.generated_weight * msg.n)
             if app.limits.tokens_per_minute:  # the window is only needed where a limit reads it

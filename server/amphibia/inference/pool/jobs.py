@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from ...config import AppSpec
 from ...errors import AmphibiaError, llm_error, retry_after_ms
@@ -23,11 +23,13 @@ def next_id(prefix: str = "j") -> str:
     return f"{prefix}{next(_ids)}"
 
 
-def assign_message(job_id: str, generation: Generation, text: str = "", generated: int = 0) -> wire.Assign:
-    """The `assign` for `generation`, resuming after `text` (`generated` tokens) already delivered."""
+def assign_message(job_id: str, generation: Generation, text: str = "", generated: int = 0,
+                   ids: Sequence[int] = ()) -> wire.Assign:
+    """The `assign` for `generation`, resuming after `text` (`generated` tokens, `ids` when known)
+    already delivered."""
     messages = [dict(m) for m in generation.messages] if generation.messages is not None else None
     return wire.Assign(id=job_id, model=generation.model, params=asdict(generation.params), prompt=generation.prompt,
-                       messages=messages, resume_text=text, resume_tokens=generated)
+                       messages=messages, resume_text=text, resume_tokens=generated, resume_ids=list(ids))
 
 
 def call_message(job_id: str, call: Call) -> wire.Call:
@@ -76,6 +78,7 @@ class GenerationJob:
     id: str = field(default_factory=next_id)
     text: str = ""  # delivered so far (a resumed page's text included)
     generated: int = 0
+    ids: list[int] = field(default_factory=list)  # the tokens of `text`, when the workers said them
     prompt_tokens: int = 0
     worker: "WorkerLink | None" = None
     slice_start: int = 0
@@ -102,7 +105,10 @@ class GenerationJob:
         return self.generation.request_id
 
     def assign(self) -> wire.Assign:
-        return assign_message(self.id, self.generation, self.text, self.generated)
+        # Resume from the delivered token ids when they cover everything delivered (not after a page's
+        # own text), so that a greedy answer goes on exactly as it would have.
+        ids = self.ids if not self.generation.resume_text else []
+        return assign_message(self.id, self.generation, self.text, self.generated, ids)
 
 
 @dataclass(eq=False)

@@ -66,7 +66,7 @@ class Supervisor:
 
     def __init__(self, start: Callable[[], subprocess.Popen], name: str, *,
                  on_restart: Callable[[], None] = lambda: None, min_backoff_s: float = 0.5,
-                 max_backoff_s: float = 30.0, stable_s: float = 60.0, poll_s: float = 0.25) -> None:
+                 max_backoff_s: float = 30.0, stable_s: float = 10.0, poll_s: float = 0.25) -> None:
         self.start, self.name, self.on_restart = start, name, on_restart
         self.min_backoff_s, self.max_backoff_s = min_backoff_s, max_backoff_s
         self.stable_s, self.poll_s = stable_s, poll_s

@@ -72,10 +72,15 @@ class Started(Message):
 
 @dataclass
 class Token(Message):
+    """Text for the client. `ids`: the tokens sampled since the previous `token` message (a token whose
+    bytes the text assembler still holds travels with the next piece), so a generation can be resumed
+    elsewhere from exactly the tokens delivered, and continues exactly as it would have."""
+
     type: ClassVar[str] = "token"
     id: str
     text: str
     n: int = 1  # tokens this piece stands for
+    ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -137,6 +142,7 @@ class Assign(Message):
     messages: list[dict] | None = None
     resume_text: str = ""
     resume_tokens: int = 0
+    resume_ids: list[int] = field(default_factory=list)  # the delivered tokens, when known (else resume_text)
 
 
 @dataclass
@@ -167,6 +173,7 @@ MESSAGES: dict[str, type[Message]] = {
 }
 _FIELDS = {cls: {f.name: f for f in fields(cls)} for cls in MESSAGES.values()}  # decode runs per token
 _TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict, "list[str]": list,
+          "list[int]": list,
           "list[dict] | None": (list, type(None)), "str | None": (str, type(None)), "Any": object}
 
 
