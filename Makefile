@@ -47,6 +47,7 @@ test: install-test /usr/bin/chromium
 bench: install-test
 	$(BIN)/amphibia bench cold-start
 	$(BIN)/amphibia bench pool
+	$(BIN)/amphibia bench chaos
 
 clean:
 	rm -rf .amphibia examples/*/.amphibia tests/apps/*/.amphibia browser/node_modules
