@@ -17,7 +17,8 @@ import pytest
 from conftest import CACHE, EXAMPLES, ROOT, Pool
 
 from amphibia.config import AppSpec, Config, PoolConfig, ServerConfig, default_models, discover_apps
-from amphibia.http.app import TrustedHosts, create_app, host_name
+from amphibia.http.app import create_app
+from amphibia.http.hosts import TrustedHosts, host_name
 from amphibia.http.gateway import Gateway, load_apps
 from amphibia.inference.service import InferenceService
 from amphibia.loopback import free_port, serve_in_thread
