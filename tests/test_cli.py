@@ -47,8 +47,9 @@ def test_new_build_up_and_call(tmp_path: Path) -> None:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 180
         while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+            try:  # the gateway answers at once; its apps build (here: load) in the background
+                health = httpx.get(f"{base}/healthz", timeout=2)
+                if health.status_code == 200 and not health.json()["building"]:
                     break
             except httpx.TransportError:
                 pass
@@ -62,6 +63,39 @@ def test_new_build_up_and_call(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=30)[0]
     assert "haiku" in output and proc.returncode == 0, output
+
+
+def test_up_serves_at_once_and_stops_at_once_mid_build(tmp_path: Path) -> None:
+    """`amphibia up` listens before its apps are built: a building app answers 503 with Retry-After,
+    health lists it, and SIGTERM stops the gateway within seconds, mid-build."""
+    app_dir = tmp_path / "fresh"
+    app_dir.mkdir()
+    (app_dir / "app.py").write_text("from amphibia_guest import App, Response\napp = App()\n\n"
+                                    "@app.get('/')\ndef hello(req):\n    return Response.json({'hi': 1})\n")
+    port = free_port()
+    proc = subprocess.Popen([*AMPHIBIA, "up", str(app_dir), "--port", str(port), "--no-local-worker"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+        while True:
+            try:
+                health = httpx.get(f"{base}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.time() < deadline, "server did not come up"
+                time.sleep(0.1)
+        assert health.json()["building"] == ["fresh"] and "app 'fresh' is still building" in health.json()["reasons"]
+        res = httpx.get(f"{base}/apps/fresh/", timeout=10)
+        assert res.status_code == 503 and res.json()["error"]["type"] == "building" and res.headers["retry-after"]
+        assert httpx.get(f"{base}/api/apps").json()["building"] == {"fresh": "building"}
+        stopped = time.time()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        assert time.time() - stopped < 3, f"took {time.time() - stopped:.1f} s to stop"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
 
 
 def test_build_error_is_reported_on_stderr(tmp_path: Path) -> None:

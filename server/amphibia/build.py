@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -103,6 +104,32 @@ def _guest_traceback(stderr: str, app_dir: Path) -> BuildError:
                       **({"file": app_frames[-1][0], "line": app_frames[-1][1]} if app_frames else {}))
 
 
+# The build tools (componentize-py, jco) running now, on any of the gateway's build threads, so that
+# a gateway told to stop does not wait for them (the set is shared by those threads: hence the lock).
+_running: set[subprocess.Popen] = set()
+_running_lock = threading.Lock()
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    with _running_lock:
+        _running.add(proc)
+    try:
+        out, err = proc.communicate()
+    finally:
+        with _running_lock:
+            _running.discard(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def stop_builds() -> None:
+    """Stop every build tool running now: their builds fail, and the gateway can exit at once."""
+    with _running_lock:
+        running = list(_running)
+    for proc in running:
+        proc.kill()
+
+
 def componentize(app_dir: Path, out: Path) -> None:
     """componentize-py runs the app's import-time code to pre-initialise it, with the search paths
     mounted in its sandbox: it gets copies of the app and the SDK, so that code can change nothing
@@ -126,7 +153,7 @@ def _componentize(app_dir: Path, app_copy: Path, sdk_copy: Path, out: Path) -> N
     if not Path(cmd[0]).exists():
         cmd[0] = shutil.which("componentize-py") or "componentize-py"
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "RUST_BACKTRACE": "0"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = _run(cmd, env)
     if proc.returncode != 0:
         if "AssertionError: Traceback" in proc.stderr:
             raise _guest_traceback(proc.stderr, app_dir)
@@ -198,7 +225,7 @@ def transpile_for_browser(wasm: Path, out: Path) -> dict | None:
     for name in LLM_IMPORTS:
         jspi += ["--async-imports", f"amphibia:ai/llm@0.1.0#{name}"]
     for args, target in ((jspi, out), ([], out / "sync")):
-        proc = subprocess.run([*base, *args, "-o", str(target)], capture_output=True, text=True)
+        proc = _run([*base, *args, "-o", str(target)])
         if proc.returncode != 0:
             raise BuildError(f"jco transpile failed for {wasm}:\n{proc.stderr.strip()[-3000:]}")
     # The sync build's core modules are byte-identical to the JSPI build's: keep one copy.

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 class AmphibiaError(Exception):
     status: int = 500
     type: str = "internal_error"
+    retry_after_s: float | None = None  # sent as Retry-After: when trying again makes sense
 
     def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
@@ -78,6 +79,14 @@ class ClientGone(AmphibiaError):
 
     status = 499
     type = "client_gone"
+
+
+class Building(AmphibiaError):
+    """The app is still being built (the gateway serves at once and builds in the background)."""
+
+    status = 503
+    type = "building"
+    retry_after_s = 2.0
 
 
 class Busy(AmphibiaError):
@@ -178,6 +187,7 @@ def error_response(exc: AmphibiaError, request_id: str = "") -> "JSONResponse":
     from starlette.responses import JSONResponse
 
     headers = {"x-request-id": request_id} if request_id else {}
-    if isinstance(exc, Overloaded):
-        headers["retry-after"] = str(max(1, round(exc.retry_after_ms / 1000)))
+    retry_s = exc.retry_after_ms / 1000 if isinstance(exc, Overloaded) else exc.retry_after_s
+    if retry_s is not None:
+        headers["retry-after"] = str(max(1, round(retry_s)))
     return JSONResponse(exc.to_json(), exc.status, headers)

@@ -33,15 +33,17 @@ class ThreadedServer:
 
 def serve_in_thread(asgi: Any, port: int | None = None, host: str = "127.0.0.1",
                     start_timeout_s: float = 600.0) -> ThreadedServer:
-    """Serve `asgi` with uvicorn in a daemon thread; returns once it accepts connections (the
-    lifespan has run: apps are built and loaded). The first start may build every app (~15 s each)."""
+    """Serve `asgi` with uvicorn in a daemon thread; returns once it accepts connections and, for a
+    gateway, its apps are built and loaded. The first start may build every app (~15 s each)."""
     port = port or free_port(host)
     server = uvicorn.Server(uvicorn.Config(asgi, host=host, port=port, log_level="warning", access_log=False,
                                            ws_max_size=MAX_FRAME_BYTES))
     thread = threading.Thread(target=server.run, name=f"amphibia-gateway-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s
-    while not server.started:
+    # A gateway answers at once and builds its apps in the background: wait for those too.
+    gateway = getattr(getattr(asgi, "state", None), "gateway", None)
+    while not server.started or (gateway is not None and gateway.building):
         if not thread.is_alive() or time.monotonic() > deadline:
             raise AmphibiaError(f"the gateway on {host}:{port} did not start")
         time.sleep(0.05)

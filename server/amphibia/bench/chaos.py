@@ -327,11 +327,11 @@ path = "{APP_DIR}"
     proc = subprocess.Popen([sys.executable, "-m", "amphibia.cli", "up", str(workdir / "amphibia.toml"), "--port",
                              str(port), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, proc, "/healthz", timeout=600)  # the first run builds the chaos app
-    deadline = time.time() + 120
-    while len(httpx.get(url + "/pool").json()["workers"]) < WORKERS:
+    wait_ready(url, proc, "/healthz")
+    deadline = time.time() + 600  # the first run builds the chaos app
+    while httpx.get(url + "/healthz").json()["building"] or len(httpx.get(url + "/pool").json()["workers"]) < WORKERS:
         if time.time() > deadline:
-            raise RuntimeError("the workers did not join")
+            raise RuntimeError("the app was not built or the workers did not join")
         time.sleep(0.3)
     return url, proc
 

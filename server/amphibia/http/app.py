@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from ..build import BROWSER_DIR
+from ..build import BROWSER_DIR, stop_builds
 from ..config import Config
 from ..errors import AmphibiaError, error_response
 from ..inference.engine import Engine
@@ -31,7 +31,7 @@ from . import openai, spin
 from .apps import app_page, app_root, app_route, healthz, index, list_apps
 from .assets import PublicAssets, browser_file, model_file
 from .bridge import bridge_socket, token_endpoint
-from .gateway import Gateway, default_models_of, load_apps
+from .gateway import Gateway, default_models_of, start_building
 from .hosts import TrustedHosts
 from .pool import metrics, pool_status, worker_socket
 from .request_ids import RequestIds
@@ -89,15 +89,18 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
         try:
             for supervisor in app.state.local_workers:
                 supervisor.run()
-            await asyncio.to_thread(load_apps, gateway)
+            # Serve at once: apps build in the background (503 `building` until each is ready), and
+            # the in-process engine loads its model meanwhile.
+            background.append(start_building(gateway))
             warm = getattr(engine, "warm", None)
             if warm_model and warm is not None:
                 for model in default_models_of(config):
-                    await asyncio.to_thread(warm, model)
+                    background.append(asyncio.create_task(asyncio.to_thread(warm, model)))
             yield
         finally:
             for task in background:
                 task.cancel()
+            stop_builds()  # a gateway told to stop does not wait for componentize-py
             for supervisor in app.state.local_workers:
                 await supervisor.stop()
             runtime.close()

@@ -10,11 +10,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from ..config import BROWSER_ENGINES
-from ..errors import AppNotFound
 from ..sandbox.runtime import HttpRequest
 from .assets import browser_model, version_of
 from .body import read_body, request_id
-from .gateway import gateway_of, health_problems
+from .gateway import gateway_of, health_problems, progress, served_app
 
 _pages = jinja2.Environment(
     loader=jinja2.PackageLoader("amphibia", "templates"), autoescape=jinja2.select_autoescape(["html"])
@@ -28,10 +27,7 @@ async def app_route(request: Request) -> Response:
     rid = request_id(request)
     if _is_page_visit(request) and name in gateway.apps:
         return await app_page(request)
-    app = gateway.apps.get(name)
-    if app is None:
-        why = gateway.failed.get(name)
-        raise AppNotFound(f"app {name!r} failed to build: {why}" if why else f"no app named {name!r}")
+    app = served_app(gateway, name)
     http = HttpRequest(
         method=request.method,
         path="/" + request.path_params.get("path", ""),
@@ -63,10 +59,7 @@ ISOLATION_HEADERS = {"cross-origin-opener-policy": "same-origin", "cross-origin-
 async def app_page(request: Request) -> Response:
     """`/apps/NAME/browser/` (and a browser's visit to `/apps/NAME/`): the app running in the page."""
     gateway = gateway_of(request)
-    name = request.path_params["name"]
-    app = gateway.apps.get(name)
-    if app is None:
-        raise AppNotFound(f"no app named {name!r}")
+    app = served_app(gateway, request.path_params["name"])
     engine = request.query_params.get("engine", app.spec.browser_engine)  # `?engine=remote` overrides the app's policy
     if engine not in BROWSER_ENGINES:
         engine = app.spec.browser_engine
@@ -81,22 +74,26 @@ async def app_root(request: Request) -> Response:
 async def index(request: Request) -> Response:
     gateway = gateway_of(request)
     page = _pages.get_template("index.html").render(
-        apps=[a.spec for a in gateway.apps.values()], failed=gateway.failed,
-        models=sorted(gateway.config.models),
+        apps=[a.spec for a in gateway.apps.values()], failed=gateway.failed, building=gateway.building,
+        progress=progress(gateway), models=sorted(gateway.config.models),
     )
     return HTMLResponse(page)
 
 
 async def healthz(request: Request) -> Response:
-    """Status "degraded" (still HTTP 200: the gateway is up and serves what it can) with `reasons`
-    when an app failed to load or a model the apps use has no worker; "ok" otherwise."""
+    """Status (always HTTP 200: the gateway is up and serves what it can): "starting" while apps are
+    still building, "degraded" with `reasons` when an app failed to load or a model the apps use has
+    no worker, else "ok"."""
     gateway = gateway_of(request)
     reasons = health_problems(gateway)
+    only_building = all(r.endswith("is still building") for r in reasons)
     return JSONResponse({
-        "status": "degraded" if reasons else "ok",
+        "status": "ok" if not reasons else "starting" if only_building else "degraded",
         "reasons": reasons,
         "apps": sorted(gateway.apps),
         "failed": sorted(gateway.failed),
+        "building": sorted(gateway.building),
+        "progress": progress(gateway),
         "models": sorted(gateway.service.models()),
         "in_flight": gateway.runtime.in_flight,
         "workers": len(gateway.broker.workers) if gateway.broker else None,
@@ -115,4 +112,5 @@ async def list_apps(request: Request) -> Response:
          "engine": a.spec.browser_engine,
          "local_model": browser_model(gateway.config, a.spec.model)}
         for a in gateway.apps.values()
-    ], "max_local_model_bytes": int(gateway.config.server.browser_max_model_mb * 1e6)})
+    ], "building": dict(sorted(gateway.building.items())), "failed": dict(sorted(gateway.failed.items())),
+        "progress": progress(gateway), "max_local_model_bytes": int(gateway.config.server.browser_max_model_mb * 1e6)})

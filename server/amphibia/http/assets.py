@@ -19,7 +19,7 @@ from starlette.responses import FileResponse, Response
 
 from ..config import Config, ConfigError, ModelSpec
 from ..errors import NotFound
-from .gateway import gateway_of
+from .gateway import gateway_of, served_app
 
 MEDIA_TYPES = {".js": "text/javascript; charset=utf-8", ".wasm": "application/wasm", ".ts": "text/plain; charset=utf-8"}
 # (file sha256, encoding) -> compressed body; content-addressed, so never stale.
@@ -48,9 +48,7 @@ def version_of(manifest: dict) -> str:
 async def browser_file(request: Request) -> Response:
     gateway = gateway_of(request)
     name, path = request.path_params["name"], request.path_params["path"]
-    app = gateway.apps.get(name)
-    if app is None:
-        raise NotFound(f"no app named {name!r}")
+    app = served_app(gateway, name)
     files: dict[str, str] = app.manifest.get("browser") or {}
     if not files:
         raise NotFound(f"app {name!r} has no browser build (jco is installed by `make`)")

@@ -22,13 +22,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
 from ..config import AppSpec
-from ..errors import AmphibiaError, AppNotFound, Forbidden, Overloaded
+from ..errors import AmphibiaError, Forbidden, Overloaded
 from ..inference.pool import wire
 from ..inference.pool.jobs import failed_message
 from ..inference.service import InferenceService
 from ..inference.stream import AsyncTokenStream
 from ..inference.pool.wire import CLOSE_BAD_TOKEN, CLOSE_FLOOD, CLOSE_ORIGIN
-from .gateway import gateway_of
+from .gateway import gateway_of, served_app
 from .websocket import Frame, Outbox, close, run_session
 
 log = logging.getLogger("amphibia.bridge")
@@ -74,9 +74,7 @@ async def token_endpoint(request: Request) -> Response:
     """`GET /bridge/token?app=NAME`: a token for the calling page's origin (CORS-checked)."""
     gateway = gateway_of(request)
     name = request.query_params.get("app", "")
-    if name not in gateway.apps:
-        raise AppNotFound(f"no app named {name!r}")
-    if not gateway.apps[name].spec.bridge:
+    if not served_app(gateway, name).spec.bridge:
         raise Forbidden(f"app {name!r} does not take LLM calls from pages; set `bridge = true` in its app.toml")
     host_origin = _host_origin(request.url.scheme, request.headers.get("host", ""))
     origin = request.headers.get("origin", host_origin)

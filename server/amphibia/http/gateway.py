@@ -1,10 +1,14 @@
 """What every front door shares: the `Gateway` (set up once at startup) and the typed way to reach it."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
@@ -12,12 +16,13 @@ from wasmtime.component import Component
 
 from ..build import build
 from ..config import AppSpec, Config
-from ..errors import AmphibiaError
+from ..errors import AmphibiaError, AppNotFound, Building
 from ..inference.pool.broker import Broker
 from ..inference.service import InferenceService
 from ..sandbox.runtime import Runtime
 
 log = logging.getLogger("amphibia.gateway")
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,7 +58,8 @@ class SocketCounts:
 
 @dataclass
 class Gateway:
-    """Read-only after startup, except `apps` and `failed` (filled by `load_apps`)."""
+    """Set up once at startup. `apps`, `failed` and `building` change as apps are built (by
+    `build_apps`, on the event loop); everything else is read-only."""
 
     config: Config
     service: InferenceService
@@ -63,10 +69,27 @@ class Gateway:
     bridge_secret: bytes = b""  # signs browser bridge tokens; new per gateway process
     apps: dict[str, LoadedApp] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # app name -> build error, shown on the index
+    building: dict[str, str] = field(default_factory=dict)  # app name -> "waiting" or "building"
     sockets: SocketCounts = field(init=False)  # open WebSockets per client address
 
     def __post_init__(self) -> None:
         self.sockets = SocketCounts(self.config.server.max_sockets_per_ip)
+
+
+def served_app(gateway: Gateway, name: str) -> LoadedApp:
+    """The app called `name`, or the error that says why it cannot answer (yet)."""
+    app = gateway.apps.get(name)
+    if app is not None:
+        return app
+    if name in gateway.building:
+        raise Building(f"app {name!r} is being built ({gateway.building[name]}); try again in a moment")
+    why = gateway.failed.get(name)
+    raise AppNotFound(f"app {name!r} failed to build: {why}" if why else f"no app named {name!r}")
+
+
+def progress(gateway: Gateway) -> dict[str, int]:
+    return {"ready": len(gateway.apps), "building": len(gateway.building), "failed": len(gateway.failed),
+            "total": len(gateway.apps) + len(gateway.building) + len(gateway.failed)}
 
 
 def gateway_of(conn: HTTPConnection) -> Gateway:
@@ -76,22 +99,95 @@ def gateway_of(conn: HTTPConnection) -> Gateway:
     return gateway
 
 
+def build_and_load(runtime: Runtime, spec: AppSpec) -> LoadedApp:
+    """Build `spec`'s app (if its sources changed) and load its component. Blocking."""
+    result = build(spec.path, name=spec.name)
+    component = _load_component(runtime, result.wasm, result.sha256, spec.name)
+    log.info("app %s ready (%s, %s)", spec.name, result.sha256[:12], "built" if result.rebuilt else "cached")
+    return LoadedApp(spec, component, result.manifest)
+
+
+def _record(gateway: Gateway, spec: AppSpec, outcome: LoadedApp | BaseException) -> None:
+    """Whatever goes wrong with one app (a build error, but also an OSError such as a full disk) is
+    logged with its name and listed in `gateway.failed`; the gateway still serves the others."""
+    if isinstance(outcome, LoadedApp):
+        gateway.apps[spec.name] = outcome
+    elif isinstance(outcome, AmphibiaError):
+        gateway.failed[spec.name] = outcome.message
+        log.error("app %s not served: %s", spec.name, outcome.message)
+    else:  # not ours to expect, so the traceback goes to the log
+        gateway.failed[spec.name] = f"{type(outcome).__name__}: {outcome}"
+        log.error("app %s not served", spec.name, exc_info=outcome)
+
+
 def load_apps(gateway: Gateway) -> None:
-    """Build (if sources changed) and load every configured app. Whatever goes wrong with one app (a
-    build error, but also an OSError such as a full disk) is logged with its name and listed in
-    `gateway.failed`; the gateway still serves the others."""
+    """Build and load every configured app, one after another, in this thread."""
     for spec in gateway.config.apps.values():
         try:
-            result = build(spec.path, name=spec.name)
-            component = _load_component(gateway.runtime, result.wasm, result.sha256, spec.name)
-            gateway.apps[spec.name] = LoadedApp(spec, component, result.manifest)
-            log.info("app %s ready (%s, %s)", spec.name, result.sha256[:12], "built" if result.rebuilt else "cached")
-        except AmphibiaError as exc:
-            gateway.failed[spec.name] = exc.message
-            log.error("app %s not served: %s", spec.name, exc.message)
-        except Exception as exc:  # not ours to expect, so the traceback goes to the log
-            gateway.failed[spec.name] = f"{type(exc).__name__}: {exc}"
-            log.exception("app %s not served", spec.name)
+            outcome: LoadedApp | BaseException = build_and_load(gateway.runtime, spec)
+        except Exception as exc:
+            outcome = exc
+        _record(gateway, spec, outcome)
+
+
+def start_building(gateway: Gateway, parallel: int | None = None) -> "asyncio.Task[None]":
+    """Build and load every configured app in the background while the gateway serves, `parallel` at
+    a time (default: one per core; a build is mostly componentize-py's own process). Until it is
+    done an app is listed in `gateway.building` (from now on) and answers 503 `building`."""
+    specs = list(gateway.config.apps.values())
+    for spec in specs:
+        gateway.building[spec.name] = "waiting"
+    return asyncio.create_task(_build_apps(gateway, specs, parallel))
+
+
+async def _build_apps(gateway: Gateway, specs: list[AppSpec], parallel: int | None) -> None:
+    slots = asyncio.Semaphore(parallel or os.cpu_count() or 1)
+    started = time.monotonic()
+
+    async def one(spec: AppSpec) -> None:
+        async with slots:
+            gateway.building[spec.name] = "building"
+            try:
+                outcome: LoadedApp | BaseException = await _in_daemon_thread(build_and_load, gateway.runtime, spec)
+            except Exception as exc:
+                outcome = exc
+            _record(gateway, spec, outcome)
+            gateway.building.pop(spec.name, None)
+            log.info("apps: %d ready, %d failed, %d to go", len(gateway.apps), len(gateway.failed),
+                     len(gateway.building))
+
+    await asyncio.gather(*(one(spec) for spec in specs))
+    if specs:
+        log.info("all %d app(s) built in %.1f s: %d ready, %d failed", len(specs), time.monotonic() - started,
+                 len(gateway.apps), len(gateway.failed))
+
+
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on a daemon thread: unlike an executor's threads, a gateway that is told to stop
+    does not wait for it (a wasmtime compile cannot be interrupted) before the process exits."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # cancelled: the gateway is stopping
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed: the gateway stopped meanwhile
+            pass
+
+    threading.Thread(target=run, name=f"build-{getattr(fn, '__name__', 'job')}", daemon=True).start()
+    return await future
 
 
 def _load_component(runtime: Runtime, wasm: Path, sha256: str, app: str) -> Component:
@@ -114,6 +210,7 @@ def health_problems(gateway: Gateway) -> list[str]:
     """Why the gateway cannot serve everything it was configured for (empty: healthy): apps that
     failed to load, and (with a pool) models the apps need that no connected worker serves."""
     reasons = [f"app {name!r} failed to build: {why}" for name, why in sorted(gateway.failed.items())]
+    reasons += [f"app {name!r} is still building" for name in sorted(gateway.building)]
     if gateway.broker is not None:
         served = {m for w in gateway.broker.workers.values() for m in w.models}
         reasons += [f"no worker serves model {m!r}" for m in default_models_of(gateway.config) if m not in served]
