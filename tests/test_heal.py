@@ -16,6 +16,7 @@ import httpx
 import pytest
 from conftest import CACHE, EXAMPLES, ROOT, Pool
 
+from amphibia.build import source_hash
 from amphibia.config import AppSpec, Config, PoolConfig, ServerConfig, default_models, discover_apps
 from amphibia.http.app import create_app
 from amphibia.http.hosts import TrustedHosts, host_name
@@ -124,10 +125,12 @@ def test_one_broken_app_leaves_the_others_served(tmp_path: Path, service: Infere
     good app is served from a component compiled in memory."""
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "app.py").write_text((EXAMPLES / "tokens" / "app.py").read_text())
-    (broken / ".amphibia").write_text("not a folder")
+    (broken / "app.py").write_text((EXAMPLES / "tokens" / "app.py").read_text() + "\n# broken\n")
+    store = tmp_path / "builds"
+    store.mkdir()
+    (store / source_hash(broken)[:32]).write_text("not a folder")  # where its build would go
     (tmp_path / "blocker").write_text("a file where the cache folder should be")
-    config = Config(models=default_models(), root=tmp_path,
+    config = Config(models=default_models(), root=tmp_path, server=replace(ServerConfig(), build_dir=store),
                     apps={"broken": AppSpec(name="broken", path=broken), **discover_apps(EXAMPLES / "tokens")})
     runtime = Runtime([LlmHost(service)], tmp_path / "blocker" / "cache", guest_threads=2)
     try:
@@ -140,3 +143,30 @@ def test_one_broken_app_leaves_the_others_served(tmp_path: Path, service: Infere
         assert res.status == 200 and b'"count": 2' in res.body.replace(b'"count":2', b'"count": 2')
     finally:
         runtime.close()
+
+
+def test_apps_with_the_same_sources_share_one_build(tmp_path: Path, engine) -> None:
+    """Three apps with one app.py (and app.toml files of their own) cost one build, one compiled
+    component and one copy on disk; the gateway builds them in the background and serves each."""
+    source = (EXAMPLES / "tokens" / "app.py").read_text() + "\n# shared by three apps\n"
+    apps = {}
+    for name in ("one", "two", "three"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "app.py").write_text(source)
+        (folder / "app.toml").write_text(f'description = "tenant {name}"\n')
+        apps[name] = AppSpec(name=name, path=folder, description=f"tenant {name}")
+    store = tmp_path / "builds"
+    config = Config(models=default_models(), root=tmp_path, apps=apps,
+                    server=replace(ServerConfig(), cache_dir=CACHE, build_dir=store))
+    asgi = create_app(config, engine=engine, warm_model=False)
+    served = serve_in_thread(asgi)
+    try:
+        answers = [httpx.post(f"{served.url}/apps/{name}/", content=b"Hello world", timeout=60) for name in apps]
+        assert all(res.status_code == 200 and res.json()["count"] == 2 for res in answers)
+        assert len(list(store.iterdir())) == 1  # one build in the store
+        assert not any((tmp_path / name / ".amphibia").exists() for name in apps)
+        loaded = [asgi.state.gateway.apps[name] for name in apps]
+        assert len({a.build_dir for a in loaded}) == 1 and len({id(a.component) for a in loaded}) == 1
+    finally:
+        served.stop()

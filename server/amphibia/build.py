@@ -28,6 +28,7 @@ ENTRY_MODULE = "amphibia_guest.entry"
 SDK_DIR = Path(amphibia_guest.__file__).resolve().parent
 WIT_DIR = SDK_DIR.parent / "wit"
 SKIP = {"__pycache__", ".amphibia", "build", ".git"}
+SERVING_ONLY = {"app.toml"}  # configures how an app is served (name, limits, ...), not its component
 BROWSER_DIR = SDK_DIR.parent.parent / "browser"  # package.json pins jco; `make` runs npm ci there
 LLM_IMPORTS = ("infer", "chat", "infer-stream", "chat-stream", "generate-embeddings", "tokenize", "detokenize",
                "[method]token-stream.next")
@@ -62,6 +63,8 @@ def source_hash(app_dir: Path) -> str:
     h.update(f"componentize-py {metadata.version('componentize-py')}\n".encode())
     for label, folder in (("app", app_dir), ("sdk", SDK_DIR), ("wit", WIT_DIR)):
         for path in _files(folder):
+            if label == "app" and path.relative_to(folder).as_posix() in SERVING_ONLY:
+                continue
             h.update(f"{label}/{path.relative_to(folder).as_posix()}\n".encode())
             h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
@@ -136,7 +139,7 @@ def componentize(app_dir: Path, out: Path) -> None:
     outside the build (not the app folder, not the shared guest-sdk/)."""
     with tempfile.TemporaryDirectory(prefix="amphibia-build-") as tmp:
         app_copy, sdk_copy = Path(tmp) / "app", Path(tmp) / "sdk"
-        skip = shutil.ignore_patterns(".amphibia", "__pycache__", ".git")
+        skip = shutil.ignore_patterns(".amphibia", "__pycache__", ".git", *SERVING_ONLY)
         shutil.copytree(app_dir, app_copy, ignore=skip, symlinks=True)
         shutil.copytree(SDK_DIR, sdk_copy / SDK_DIR.name, ignore=skip)
         _componentize(app_dir, app_copy, sdk_copy, out)
@@ -160,6 +163,35 @@ def _componentize(app_dir: Path, app_copy: Path, sdk_copy: Path, out: Path) -> N
         raise BuildError(f"componentize-py failed for {app_dir}:\n{proc.stderr.strip()[-4000:]}")
 
 
+def build_in_store(app_dir: str | Path, store: Path, name: str | None = None) -> BuildResult:
+    """Build into `store`, keyed by what goes in (`source_hash`): apps with the same sources, toolchain
+    and SDK share one build (each app's own `app.toml` is not part of it). A current build in the app's
+    own folder (`amphibia build`, a notebook) is used as it is rather than built again."""
+    app_dir = Path(app_dir).resolve()
+    src = source_hash(app_dir)
+    shared = store / src[:32]
+    if _current(shared, src) is None:
+        own = _current(app_dir / ".amphibia", src)
+        if own is not None:
+            return own
+    return build(app_dir, shared, name)
+
+
+def _current(out_dir: Path, src: str) -> BuildResult | None:
+    """The build in `out_dir` if it was made from sources with hash `src` and is complete."""
+    wasm, manifest_path = out_dir / "app.wasm", out_dir / "manifest.json"
+    if not (wasm.is_file() and manifest_path.is_file()):
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+        return None
+    browser_ok = manifest.get("browser") is not None or jco_path() is None
+    if manifest.get("source_sha256") == src and manifest.get("wasm_sha256") == _sha256(wasm) and browser_ok:
+        return BuildResult(wasm, manifest, rebuilt=False)
+    return None
+
+
 def build(app_dir: str | Path, out_dir: str | Path | None = None, name: str | None = None,
           force: bool = False) -> BuildResult:
     """Build `app_dir` into `out_dir` (default: `app_dir/.amphibia`), unless an identical build is there."""
@@ -170,14 +202,9 @@ def build(app_dir: str | Path, out_dir: str | Path | None = None, name: str | No
     out_dir.mkdir(parents=True, exist_ok=True)
     wasm, manifest_path = out_dir / "app.wasm", out_dir / "manifest.json"
     src = source_hash(app_dir)
-    if not force and wasm.is_file() and manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except ValueError:
-            manifest = {}
-        browser_ok = manifest.get("browser") is not None or jco_path() is None
-        if manifest.get("source_sha256") == src and manifest.get("wasm_sha256") == _sha256(wasm) and browser_ok:
-            return BuildResult(wasm, manifest, rebuilt=False)
+    current = None if force else _current(out_dir, src)
+    if current is not None:
+        return current
 
     check_syntax(app_dir)
     started = time.perf_counter()

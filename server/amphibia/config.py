@@ -104,6 +104,9 @@ class ServerConfig:
     queue_limit: int = 64
     max_body_bytes: int = 1 << 20
     cache_dir: Path = Path(".amphibia/cache")
+    # Builds of the apps a gateway serves, one per distinct input (sources, SDK, toolchain): apps with
+    # the same sources share one build, one compiled component and one copy on disk.
+    build_dir: Path = Path(".amphibia/builds")
     # Origins (besides the gateway's own) whose pages may use the browser bridge, e.g.
     # "https://example.com"; "*" allows any.
     allowed_origins: tuple[str, ...] = ()
@@ -306,11 +309,9 @@ def _from_toml(path: Path) -> Config:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
 
     server_table = _checked(ServerConfig, data.get("server", {}), f"{path}: [server]")
-    if "cache_dir" in server_table:
-        server_table["cache_dir"] = root / server_table["cache_dir"]
     server = _take(ServerConfig, server_table, f"{path}: [server]")
-    if "cache_dir" not in server_table:
-        server = replace(server, cache_dir=root / server.cache_dir)
+    # Folders are relative to the file that names them (or to it by default).
+    server = replace(server, cache_dir=root / server.cache_dir, build_dir=root / server.build_dir)
 
     limits = _limits(Limits(), data.get("limits"), f"{path}: [limits]")
 

@@ -64,7 +64,7 @@ async def browser_file(request: Request) -> Response:
     if _not_modified(request, headers):
         return Response(status_code=304, headers=headers)
     media_type = MEDIA_TYPES.get(Path(path).suffix, "application/octet-stream")
-    file = app.spec.path / ".amphibia" / "browser" / path
+    file = app.build_dir / "browser" / path
     # Reading and compressing an 11 MB core module takes ~0.5 s: never on the event loop.
     accepted = {part.split(";")[0].strip() for part in request.headers.get("accept-encoding", "").split(",")}
     encoding = next((e for e in ENCODERS if e in accepted), None)

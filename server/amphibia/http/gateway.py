@@ -14,7 +14,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
 from wasmtime.component import Component
 
-from ..build import build
+from ..build import build_in_store, source_hash
 from ..config import AppSpec, Config
 from ..errors import AmphibiaError, AppNotFound, Building
 from ..inference.pool.broker import Broker
@@ -30,6 +30,7 @@ class LoadedApp:
     spec: AppSpec
     component: Any
     manifest: dict
+    build_dir: Path  # app.wasm, manifest.json and the browser build; shared by apps with the same sources
 
 
 class SocketCounts:
@@ -99,12 +100,24 @@ def gateway_of(conn: HTTPConnection) -> Gateway:
     return gateway
 
 
-def build_and_load(runtime: Runtime, spec: AppSpec) -> LoadedApp:
-    """Build `spec`'s app (if its sources changed) and load its component. Blocking."""
-    result = build(spec.path, name=spec.name)
+@dataclass(frozen=True)
+class Built:
+    """One build in the store and its loaded component: what apps with the same sources share."""
+
+    component: Any
+    manifest: dict
+    build_dir: Path
+
+    def serve_as(self, spec: AppSpec) -> LoadedApp:
+        return LoadedApp(spec, self.component, self.manifest, self.build_dir)
+
+
+def build_and_load(runtime: Runtime, spec: AppSpec, store: Path) -> Built:
+    """Build `spec`'s sources into the store (unless that build is there) and load the component. Blocking."""
+    result = build_in_store(spec.path, store, name=spec.name)
     component = _load_component(runtime, result.wasm, result.sha256, spec.name)
     log.info("app %s ready (%s, %s)", spec.name, result.sha256[:12], "built" if result.rebuilt else "cached")
-    return LoadedApp(spec, component, result.manifest)
+    return Built(component, result.manifest, result.wasm.parent)
 
 
 def _record(gateway: Gateway, spec: AppSpec, outcome: LoadedApp | BaseException) -> None:
@@ -124,7 +137,8 @@ def load_apps(gateway: Gateway) -> None:
     """Build and load every configured app, one after another, in this thread."""
     for spec in gateway.config.apps.values():
         try:
-            outcome: LoadedApp | BaseException = build_and_load(gateway.runtime, spec)
+            outcome: LoadedApp | BaseException = build_and_load(
+                gateway.runtime, spec, gateway.config.server.build_dir).serve_as(spec)
         except Exception as exc:
             outcome = exc
         _record(gateway, spec, outcome)
@@ -143,23 +157,31 @@ def start_building(gateway: Gateway, parallel: int | None = None) -> "asyncio.Ta
 async def _build_apps(gateway: Gateway, specs: list[AppSpec], parallel: int | None) -> None:
     slots = asyncio.Semaphore(parallel or os.cpu_count() or 1)
     started = time.monotonic()
+    store = gateway.config.server.build_dir
+    builds: dict[str, asyncio.Future[Built]] = {}  # source hash -> its one build, awaited by every app with it
 
-    async def one(spec: AppSpec) -> None:
+    async def build_once(spec: AppSpec) -> Built:
         async with slots:
             gateway.building[spec.name] = "building"
-            try:
-                outcome: LoadedApp | BaseException = await _in_daemon_thread(build_and_load, gateway.runtime, spec)
-            except Exception as exc:
-                outcome = exc
-            _record(gateway, spec, outcome)
-            gateway.building.pop(spec.name, None)
-            log.info("apps: %d ready, %d failed, %d to go", len(gateway.apps), len(gateway.failed),
-                     len(gateway.building))
+            return await _in_daemon_thread(build_and_load, gateway.runtime, spec, store)
+
+    async def one(spec: AppSpec) -> None:
+        try:
+            key = await _in_daemon_thread(source_hash, spec.path.resolve())
+            if key not in builds:
+                builds[key] = asyncio.ensure_future(build_once(spec))
+            outcome: LoadedApp | BaseException = (await asyncio.shield(builds[key])).serve_as(spec)
+        except Exception as exc:
+            outcome = exc
+        _record(gateway, spec, outcome)
+        gateway.building.pop(spec.name, None)
+        log.info("apps: %d ready, %d failed, %d to go", len(gateway.apps), len(gateway.failed),
+                 len(gateway.building))
 
     await asyncio.gather(*(one(spec) for spec in specs))
     if specs:
-        log.info("all %d app(s) built in %.1f s: %d ready, %d failed", len(specs), time.monotonic() - started,
-                 len(gateway.apps), len(gateway.failed))
+        log.info("all %d app(s) built in %.1f s (%d distinct builds): %d ready, %d failed", len(specs),
+                 time.monotonic() - started, len(builds), len(gateway.apps), len(gateway.failed))
 
 
 async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:

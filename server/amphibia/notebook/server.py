@@ -99,7 +99,7 @@ class BackgroundGateway:
         spec = self._spec(app, name, **overrides)
         component = self.gateway.runtime.load(app.build.wasm, app.build.sha256)
         self.config.apps[spec.name] = spec
-        self.gateway.apps[spec.name] = LoadedApp(spec, component, app.manifest)
+        self.gateway.apps[spec.name] = LoadedApp(spec, component, app.manifest, app.build.wasm.parent)
         return self.app_url(spec.name)
 
     def _spec(self, app: NotebookApp, name: str | None, **overrides: Any) -> Any:
