@@ -20,11 +20,7 @@ from amphibia.build import source_hash
 from amphibia.config import AppSpec, Config, PoolConfig, ServerConfig, default_models, discover_apps
 from amphibia.http.app import create_app
 from amphibia.http.hosts import TrustedHosts, host_name
-from amphibia.http.gateway import Gateway, load_apps
-from amphibia.inference.service import InferenceService
 from amphibia.loopback import free_port, serve_in_thread
-from amphibia.sandbox.llm_host import LlmHost
-from amphibia.sandbox.runtime import HttpRequest, Runtime
 
 WORKER = "local-smollm2"
 
@@ -119,10 +115,10 @@ def test_trusted_host_rules() -> None:
     assert TrustedHosts(lambda *a: None, ("*",)).allows("anything.at.all")
 
 
-def test_one_broken_app_leaves_the_others_served(tmp_path: Path, service: InferenceService) -> None:
-    """The broken app fails with an OSError (its output folder is a file), not an AmphibiaError; and the
-    compile cache cannot be written (its folder is under a file: a full disk looks the same), so the
-    good app is served from a component compiled in memory."""
+def test_one_broken_app_leaves_the_others_served(tmp_path: Path, engine) -> None:
+    """The broken app fails with an OSError (where its build would go is a file), not an
+    AmphibiaError; and the compile cache cannot be written (its folder is under a file: a full disk
+    looks the same), so the good app is served from a component compiled in memory."""
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "app.py").write_text((EXAMPLES / "tokens" / "app.py").read_text() + "\n# broken\n")
@@ -130,19 +126,22 @@ def test_one_broken_app_leaves_the_others_served(tmp_path: Path, service: Infere
     store.mkdir()
     (store / source_hash(broken)[:32]).write_text("not a folder")  # where its build would go
     (tmp_path / "blocker").write_text("a file where the cache folder should be")
-    config = Config(models=default_models(), root=tmp_path, server=replace(ServerConfig(), build_dir=store),
+    server = replace(ServerConfig(), build_dir=store, cache_dir=tmp_path / "blocker" / "cache")
+    config = Config(models=default_models(), root=tmp_path, server=server,
                     apps={"broken": AppSpec(name="broken", path=broken), **discover_apps(EXAMPLES / "tokens")})
-    runtime = Runtime([LlmHost(service)], tmp_path / "blocker" / "cache", guest_threads=2)
+    asgi = create_app(config, engine=engine, warm_model=False)
+    served = serve_in_thread(asgi)
     try:
-        gateway = Gateway(config, service, runtime)
-        load_apps(gateway)
-        assert set(gateway.apps) == {"tokens"} and set(gateway.failed) == {"broken"}
-        assert "FileExistsError" in gateway.failed["broken"] or "NotADirectoryError" in gateway.failed["broken"]
-        tokens = gateway.apps["tokens"]
-        res = runtime.handle(tokens.spec, tokens.component, HttpRequest("POST", "/", body=b"Hello world"), "heal-1")
-        assert res.status == 200 and b'"count": 2' in res.body.replace(b'"count":2', b'"count": 2')
+        health = httpx.get(f"{served.url}/healthz").json()
+        assert health["apps"] == ["tokens"] and health["failed"] == ["broken"] and health["status"] == "degraded"
+        why = asgi.state.gateway.failed["broken"]
+        assert "FileExistsError" in why or "NotADirectoryError" in why
+        res = httpx.post(f"{served.url}/apps/tokens/", content=b"Hello world", timeout=60)
+        assert res.status_code == 200 and res.json()["count"] == 2
+        res = httpx.get(f"{served.url}/apps/broken/")
+        assert res.status_code == 404 and "failed to build" in res.json()["error"]["message"]
     finally:
-        runtime.close()
+        served.stop()
 
 
 def test_apps_with_the_same_sources_share_one_build(tmp_path: Path, engine) -> None:

@@ -60,7 +60,7 @@ class SocketCounts:
 @dataclass
 class Gateway:
     """Set up once at startup. `apps`, `failed` and `building` change as apps are built (by
-    `build_apps`, on the event loop); everything else is read-only."""
+    `start_building`, on the event loop); everything else is read-only."""
 
     config: Config
     service: InferenceService
@@ -131,17 +131,6 @@ def _record(gateway: Gateway, spec: AppSpec, outcome: LoadedApp | BaseException)
     else:  # not ours to expect, so the traceback goes to the log
         gateway.failed[spec.name] = f"{type(outcome).__name__}: {outcome}"
         log.error("app %s not served", spec.name, exc_info=outcome)
-
-
-def load_apps(gateway: Gateway) -> None:
-    """Build and load every configured app, one after another, in this thread."""
-    for spec in gateway.config.apps.values():
-        try:
-            outcome: LoadedApp | BaseException = build_and_load(
-                gateway.runtime, spec, gateway.config.server.build_dir).serve_as(spec)
-        except Exception as exc:
-            outcome = exc
-        _record(gateway, spec, outcome)
 
 
 def start_building(gateway: Gateway, parallel: int | None = None) -> "asyncio.Task[None]":
