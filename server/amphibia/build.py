@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -107,28 +108,29 @@ def _guest_traceback(stderr: str, app_dir: Path) -> BuildError:
                       **({"file": app_frames[-1][0], "line": app_frames[-1][1]} if app_frames else {}))
 
 
-# The build tools (componentize-py, jco) running now, on any of the gateway's build threads, so that
-# a gateway told to stop does not wait for them (the set is shared by those threads: hence the lock).
-_running: set[subprocess.Popen] = set()
+# The build tools (componentize-py, jco) running now, and for whom (`build_owner`, e.g. a gateway),
+# so that one told to stop does not wait for its builds. Shared by every build thread: hence the lock.
+build_owner: ContextVar[object | None] = ContextVar("amphibia_build_owner", default=None)
+_running: dict[subprocess.Popen, object | None] = {}
 _running_lock = threading.Lock()
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     with _running_lock:
-        _running.add(proc)
+        _running[proc] = build_owner.get()
     try:
         out, err = proc.communicate()
     finally:
         with _running_lock:
-            _running.discard(proc)
+            _running.pop(proc, None)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def stop_builds() -> None:
-    """Stop every build tool running now: their builds fail, and the gateway can exit at once."""
+def stop_builds(owner: object) -> None:
+    """Stop the build tools running for `owner` now: their builds fail, and it can exit at once."""
     with _running_lock:
-        running = list(_running)
+        running = [proc for proc, whose in _running.items() if whose is owner]
     for proc in running:
         proc.kill()
 

@@ -100,7 +100,7 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
         finally:
             for task in background:
                 task.cancel()
-            stop_builds()  # a gateway told to stop does not wait for componentize-py
+            stop_builds(gateway)  # a gateway told to stop does not wait for componentize-py
             for supervisor in app.state.local_workers:
                 await supervisor.stop()
             runtime.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import threading
@@ -14,7 +15,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
 from wasmtime.component import Component
 
-from ..build import build_in_store, source_hash
+from ..build import build_in_store, build_owner, source_hash
 from ..config import AppSpec, Config
 from ..errors import AmphibiaError, AppNotFound, Building
 from ..inference.pool.broker import Broker
@@ -144,6 +145,7 @@ def start_building(gateway: Gateway, parallel: int | None = None) -> "asyncio.Ta
 
 
 async def _build_apps(gateway: Gateway, specs: list[AppSpec], parallel: int | None) -> None:
+    build_owner.set(gateway)  # this task's builds are the gateway's (see `build.stop_builds`)
     slots = asyncio.Semaphore(parallel or os.cpu_count() or 1)
     started = time.monotonic()
     store = gateway.config.server.build_dir
@@ -197,7 +199,9 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
         except RuntimeError:  # the loop has closed: the gateway stopped meanwhile
             pass
 
-    threading.Thread(target=run, name=f"build-{getattr(fn, '__name__', 'job')}", daemon=True).start()
+    context = contextvars.copy_context()  # e.g. whose build this is
+    threading.Thread(target=context.run, args=(run,), name=f"build-{getattr(fn, '__name__', 'job')}",
+                     daemon=True).start()
     return await future
 
 
