@@ -7,14 +7,11 @@ from starlette.requests import Request
 
 from ..errors import BadRequest, BodyTooLarge
 from .gateway import gateway_of
-from .request_ids import new_request_id
 
 def request_id(request: Request) -> str:
-    """This request's id (see `request_ids.RequestIds`, which sends it back as `x-request-id`)."""
-    rid = getattr(request.state, "request_id", "")
-    if not rid:  # served without the middleware (an ASGI app assembled by hand)
-        rid = request.state.request_id = new_request_id(request.headers.get("x-request-id", ""))
-    return rid
+    """This request's id: set for every HTTP request by `request_ids.RequestIds`, which also sends it
+    back as `x-request-id`."""
+    return request.state.request_id
 
 
 async def read_body(request: Request) -> bytes:
