@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import time
 
 import httpx
 
@@ -353,5 +354,30 @@ def test_one_client_cannot_hold_every_socket(config, engine) -> None:
 
         both, code, later = asyncio.run(clients())
         assert both and code == 4429 and later
+    finally:
+        served.stop()
+
+
+def test_guests_in_flight_are_bounded_by_the_memory_budget(config, engine) -> None:
+    """`[server] guest_memory_mb` / 8 MB guests run at once (here 16 MB: 2); with no room to wait, the
+    next request is refused at once with 503 `busy`, saying which setting limits it."""
+    import concurrent.futures as futures
+    from dataclasses import replace
+
+    from amphibia.http.app import create_app
+    from amphibia.loopback import serve_in_thread
+
+    small = replace(config, server=replace(config.server, guest_threads=0, guest_memory_mb=16, queue_limit=0))
+    served = serve_in_thread(create_app(small, engine=engine, warm_model=False))
+    try:
+        with futures.ThreadPoolExecutor(2) as pool:
+            sleeping = [pool.submit(httpx.get, f"{served.url}/apps/misbehave/sleep?s=2", timeout=30) for _ in range(2)]
+            time.sleep(0.5)
+            res = httpx.get(f"{served.url}/apps/tokens/", timeout=30)
+            assert res.status_code == 503 and error_of(res)["type"] == "busy"
+            assert "guest_memory_mb" in error_of(res)["message"]
+            # (The sleep counts against misbehave's 0.5 s CPU budget once it returns: 504, but answered.)
+            assert all(f.result().status_code in (200, 504) for f in sleeping)
+        assert httpx.get(f"{served.url}/apps/tokens/", timeout=30).status_code != 503
     finally:
         served.stop()

@@ -128,6 +128,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.chaos import main as chaos_main
 
         return chaos_main(args)
+    if args.which == "inflight":
+        from .bench.inflight import main as inflight_main
+
+        return inflight_main(args)
     raise AmphibiaError(f"unknown benchmark {args.which!r}")
 
 
@@ -176,7 +180,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_models)
 
     s = sub.add_parser("bench", help="run a benchmark; the last line printed is JSON")
-    s.add_argument("which", choices=["cold-start", "pool", "browser", "chaos"])
+    s.add_argument("which", choices=["cold-start", "pool", "browser", "chaos", "inflight"])
     s.add_argument("--quick", action="store_true", help="pool, browser, chaos: a reduced run (about a minute)")
     s.add_argument("--json", action="store_true", help="print only the JSON result line")
     s.add_argument("--app", default=None, help="app folder (default: examples/chat)")

@@ -16,6 +16,9 @@ from .errors import ConfigError
 
 APP_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 DEFAULT_MODEL = "smollm2"
+# Gateway memory per guest request in flight (a fresh instance of the chat example waiting on `llm`):
+# 7.5 MB measured by `amphibia bench inflight` (BENCHMARKS.md), rounded up.
+GUEST_MB = 8
 
 
 @dataclass(frozen=True)
@@ -98,10 +101,17 @@ class AppSpec:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    # Threads that run guests. A guest waiting on the engine holds one of these, never one of the
-    # event loop's; requests beyond threads + queue_limit are refused with 503 at once.
-    guest_threads: int = 8
-    queue_limit: int = 64
+    # Guests that run at once. A guest waiting on the engine holds one of these threads, never one of
+    # the event loop's, so this (not the pool) must not be what limits concurrent generations.
+    # 0: as many as `guest_memory_mb` allows, at GUEST_MB per guest in flight (measured).
+    guest_threads: int = 0
+    guest_memory_mb: int = 1024
+    queue_limit: int = 64  # requests that may wait for a guest thread; beyond that, 503 at once
+
+    @property
+    def guest_slots(self) -> int:
+        """How many guests run at once: `guest_threads`, or what the memory budget allows."""
+        return self.guest_threads or max(1, self.guest_memory_mb // GUEST_MB)
     max_body_bytes: int = 1 << 20
     cache_dir: Path = Path(".amphibia/cache")
     # Builds of the apps a gateway serves, one per distinct input (sources, SDK, toolchain): apps with

@@ -90,7 +90,7 @@ class Session:
         self.engine = EngineSwitch(lambda: InProcessEngine(self.config.models), local=engine)
         self.service = InferenceService(self.engine)
         self.runtime = Runtime([LlmHost(self.service)], self.config.server.cache_dir,
-                               self.config.server.guest_threads, self.config.server.queue_limit)
+                               self.config.server.guest_slots, self.config.server.queue_limit)
         self.apps: dict[str, Any] = {}  # name -> the NotebookApp loaded under it (`apps.load`)
         self.gateways: list[Stoppable] = []  # every BackgroundGateway started, stopped with the session
         self.gateway: Stoppable | None = None  # the BackgroundGateway `serve` and `show` use

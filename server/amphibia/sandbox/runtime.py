@@ -230,6 +230,7 @@ class Runtime:
                 capability.add_to_linker(root)
         # Guests block (on the CPU or on inference) in these threads, never on the event loop.
         self.guest_threads = ThreadPoolExecutor(guest_threads, thread_name_prefix="guest")
+        self.threads = guest_threads
         self.capacity = guest_threads + queue_limit
         self.in_flight = 0  # only touched on the event loop thread (handle_async)
 
@@ -284,7 +285,8 @@ class Runtime:
         `in_flight` until it does. (A guest blocked in WASI sleep or poll cannot be interrupted:
         wasmtime has no way to; it holds its thread until the sleep ends.)"""
         if self.in_flight >= self.capacity:
-            raise Busy(f"{self.in_flight} requests are already running or waiting; try again shortly")
+            raise Busy(f"{self.in_flight} requests are already running or waiting ({self.threads} guests run at once, "
+                       f"[server] guest_threads / guest_memory_mb); try again shortly")
         self.in_flight += 1
         end = RequestEnd()
         work = asyncio.get_running_loop().run_in_executor(
