@@ -151,6 +151,7 @@ class Overloaded(LLMError):
     def __init__(self, message: str, retry_after_ms: int = 1000) -> None:
         super().__init__(message, retry_after_ms=retry_after_ms)
         self.retry_after_ms = retry_after_ms
+        self.retry_after_s = retry_after_ms / 1000
 
 
 class InferenceTimeout(LLMError):
@@ -187,7 +188,6 @@ def error_response(exc: AmphibiaError, request_id: str = "") -> "JSONResponse":
     from starlette.responses import JSONResponse
 
     headers = {"x-request-id": request_id} if request_id else {}
-    retry_s = exc.retry_after_ms / 1000 if isinstance(exc, Overloaded) else exc.retry_after_s
-    if retry_s is not None:
-        headers["retry-after"] = str(max(1, round(retry_s)))
+    if exc.retry_after_s is not None:
+        headers["retry-after"] = str(max(1, round(exc.retry_after_s)))
     return JSONResponse(exc.to_json(), exc.status, headers)

@@ -85,11 +85,11 @@ async def healthz(request: Request) -> Response:
     still building, "degraded" with `reasons` when an app failed to load or a model the apps use has
     no worker, else "ok"."""
     gateway = gateway_of(request)
-    reasons = health_problems(gateway)
-    only_building = all(r.endswith("is still building") for r in reasons)
+    problems = health_problems(gateway)
+    building = [f"app {name!r} is still building" for name in sorted(gateway.building)]
     return JSONResponse({
-        "status": "ok" if not reasons else "starting" if only_building else "degraded",
-        "reasons": reasons,
+        "status": "degraded" if problems else "starting" if building else "ok",
+        "reasons": problems + building,
         "apps": sorted(gateway.apps),
         "failed": sorted(gateway.failed),
         "building": sorted(gateway.building),

@@ -13,7 +13,6 @@ from typing import Any, Callable, TypeVar
 
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
-from wasmtime.component import Component
 
 from ..build import build_in_store, build_owner, source_hash
 from ..config import AppSpec, Config
@@ -116,7 +115,7 @@ class Built:
 def build_and_load(runtime: Runtime, spec: AppSpec, store: Path) -> Built:
     """Build `spec`'s sources into the store (unless that build is there) and load the component. Blocking."""
     result = build_in_store(spec.path, store, name=spec.name)
-    component = _load_component(runtime, result.wasm, result.sha256, spec.name)
+    component = runtime.load(result.wasm, result.sha256)  # an unwritable compile cache only costs the cache
     log.info("app %s ready (%s, %s)", spec.name, result.sha256[:12], "built" if result.rebuilt else "cached")
     return Built(component, result.manifest, result.wasm.parent)
 
@@ -205,16 +204,6 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
     return await future
 
 
-def _load_component(runtime: Runtime, wasm: Path, sha256: str, app: str) -> Component:
-    """The compiled component, from the on-disk cache if it can be used. The cache is only a speed-up:
-    if it cannot be written (a full disk, a read-only folder), compile in memory and serve uncached."""
-    try:
-        return runtime.load(wasm, sha256)
-    except OSError as exc:
-        log.warning("app %s: the compile cache in %s failed (%s); serving it uncached", app, runtime.cache.dir, exc)
-        return Component.from_file(runtime.wasmtime, str(wasm))
-
-
 def default_models_of(config: Config) -> list[str]:
     """The models the configured apps use by default (the first registered one if there are no apps):
     what a local worker serves and what the in-process engine loads before the first request."""
@@ -225,7 +214,6 @@ def health_problems(gateway: Gateway) -> list[str]:
     """Why the gateway cannot serve everything it was configured for (empty: healthy): apps that
     failed to load, and (with a pool) models the apps need that no connected worker serves."""
     reasons = [f"app {name!r} failed to build: {why}" for name, why in sorted(gateway.failed.items())]
-    reasons += [f"app {name!r} is still building" for name in sorted(gateway.building)]
     if gateway.broker is not None:
         served = {m for w in gateway.broker.workers.values() for m in w.models}
         reasons += [f"no worker serves model {m!r}" for m in default_models_of(gateway.config) if m not in served]

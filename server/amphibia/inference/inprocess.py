@@ -141,7 +141,7 @@ class InProcessEngine:
         return {name: spec.n_ctx for name, spec in self.specs.items()}
 
     def generate(self, caller: AppSpec, generation: Generation, sink: GenerationSink) -> Cancel:
-        message = jobs.assign_message(jobs.next_id(), generation, generation.resume_text, generation.resume_tokens)
+        message = jobs.assign_message(jobs.next_id(), generation)
         return self._runner(generation.model).submit(message, lambda m: jobs.deliver_generation(m, sink))
 
     def call(self, caller: AppSpec, call: Call, sink: CallSink) -> Cancel:

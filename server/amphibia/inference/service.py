@@ -115,7 +115,7 @@ class InferenceService:
         generation = Generation(model=model, params=checked, prompt=prompt, messages=messages,
                                 resume_text=resume_text, request_id=request_id,
                                 resume_tokens=max(0, min(resume_tokens, checked.max_tokens)))
-        _fits_a_frame(jobs.assign_message("j", generation, resume_text, resume_tokens), "the request")
+        _fits_a_frame(jobs.assign_message("j", generation), "the request")
         return generation
 
     def call_request(self, caller: AppSpec, model: Any, method: Any, args: Any, request_id: str = "") -> Call:

@@ -64,6 +64,20 @@ class _Stream:
             raise item
         return item
 
+    # sink side (any thread): each view only says how an item reaches its reader (`_put`)
+    def _put(self, item: Any) -> None:
+        raise NotImplementedError
+
+    def token(self, text: str) -> None:
+        if text:
+            self._put(text)
+
+    def done(self, usage: Usage, finish_reason: str) -> None:
+        self._put(_End(usage, finish_reason))
+
+    def fail(self, error: AmphibiaError) -> None:
+        self._put(error)
+
     def _completion(self, text: str) -> Completion:
         assert self.usage is not None and self.finish_reason is not None
         return Completion(text, self.usage, self.finish_reason)
@@ -76,16 +90,8 @@ class TokenStream(_Stream):
         super().__init__(timeout_s)
         self._queue: queue.Queue[Any] = queue.Queue()
 
-    # sink side (any thread)
-    def token(self, text: str) -> None:
-        if text:
-            self._queue.put(text)
-
-    def done(self, usage: Usage, finish_reason: str) -> None:
-        self._queue.put(_End(usage, finish_reason))
-
-    def fail(self, error: AmphibiaError) -> None:
-        self._queue.put(error)
+    def _put(self, item: Any) -> None:
+        self._queue.put(item)
 
     def abort(self, error: AmphibiaError) -> None:
         """From any thread: free the engine's slot and make the reader raise `error` next."""
@@ -124,16 +130,6 @@ class AsyncTokenStream(_Stream):
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody is left to read
             pass
-
-    def token(self, text: str) -> None:
-        if text:
-            self._put(text)
-
-    def done(self, usage: Usage, finish_reason: str) -> None:
-        self._put(_End(usage, finish_reason))
-
-    def fail(self, error: AmphibiaError) -> None:
-        self._put(error)
 
     async def next_piece(self) -> str | None:
         if self.finish_reason is not None:

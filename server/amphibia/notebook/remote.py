@@ -204,7 +204,7 @@ class BridgeEngine:
         return self._models
 
     def generate(self, caller: AppSpec, generation: Generation, sink: GenerationSink) -> Cancel:
-        msg = jobs.assign_message(jobs.next_id("n"), generation, generation.resume_text, generation.resume_tokens)
+        msg = jobs.assign_message(jobs.next_id("n"), generation)
         return self._submit(caller, msg, _Pending(sink, jobs.deliver_generation))
 
     def call(self, caller: AppSpec, call: Call, sink: CallSink) -> Cancel:

@@ -23,13 +23,15 @@ def next_id(prefix: str = "j") -> str:
     return f"{prefix}{next(_ids)}"
 
 
-def assign_message(job_id: str, generation: Generation, text: str = "", generated: int = 0,
+def assign_message(job_id: str, generation: Generation, text: str | None = None, generated: int | None = None,
                    ids: Sequence[int] = ()) -> wire.Assign:
     """The `assign` for `generation`, resuming after `text` (`generated` tokens, `ids` when known)
-    already delivered."""
+    already delivered; by default, after the generation's own `resume_text`."""
     messages = [dict(m) for m in generation.messages] if generation.messages is not None else None
     return wire.Assign(id=job_id, model=generation.model, params=asdict(generation.params), prompt=generation.prompt,
-                       messages=messages, resume_text=text, resume_tokens=generated, resume_ids=list(ids))
+                       messages=messages, resume_text=generation.resume_text if text is None else text,
+                       resume_tokens=generation.resume_tokens if generated is None else generated,
+                       resume_ids=list(ids))
 
 
 def call_message(job_id: str, call: Call) -> wire.Call:
