@@ -46,7 +46,7 @@ class BuildResult:
         return self.manifest["wasm_sha256"]
 
 
-def _files(folder: Path) -> list[Path]:
+def source_files(folder: Path) -> list[Path]:
     out = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
@@ -58,22 +58,36 @@ def _files(folder: Path) -> list[Path]:
     return out
 
 
-def source_hash(app_dir: Path) -> str:
-    """Everything a build depends on; equal hashes mean an identical component."""
+def toolchain_hash() -> str:
+    """What every build depends on besides the app: componentize-py, the guest SDK and the WIT world.
+    When it changes (an upgrade), every app builds again; gateways serve the old builds meanwhile."""
     h = hashlib.sha256()
     h.update(f"componentize-py {metadata.version('componentize-py')}\n".encode())
-    for label, folder in (("app", app_dir), ("sdk", SDK_DIR), ("wit", WIT_DIR)):
-        for path in _files(folder):
-            if label == "app" and path.relative_to(folder).as_posix() in SERVING_ONLY:
-                continue
+    for label, folder in (("sdk", SDK_DIR), ("wit", WIT_DIR)):
+        for path in source_files(folder):
             h.update(f"{label}/{path.relative_to(folder).as_posix()}\n".encode())
             h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
 
 
+def source_hash(app_dir: Path, toolchain: str | None = None) -> str:
+    """Everything a build depends on; equal hashes mean equivalent components. (Not byte-identical ones:
+    componentize-py 0.25 snapshots an interpreter that saw random seeds and clocks, so the same input
+    built twice differs; hence one build per input, kept in the store.) Pass `toolchain_hash()` when
+    hashing many apps."""
+    h = hashlib.sha256()
+    h.update(f"toolchain {toolchain or toolchain_hash()}\n".encode())
+    for path in source_files(app_dir):
+        if path.relative_to(app_dir).as_posix() in SERVING_ONLY:
+            continue
+        h.update(f"app/{path.relative_to(app_dir).as_posix()}\n".encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
 def check_syntax(app_dir: Path) -> None:
     """Fail before the 15-second componentize step, with file:line like a traceback."""
-    for path in _files(app_dir):
+    for path in source_files(app_dir):
         if path.suffix != ".py":
             continue
         try:
@@ -165,37 +179,45 @@ def _componentize(app_dir: Path, app_copy: Path, sdk_copy: Path, out: Path) -> N
         raise BuildError(f"componentize-py failed for {app_dir}:\n{proc.stderr.strip()[-4000:]}")
 
 
-def build_in_store(app_dir: str | Path, store: Path, name: str | None = None) -> BuildResult:
+def build_in_store(app_dir: str | Path, store: Path, name: str | None = None, src: str | None = None) -> BuildResult:
     """Build into `store`, keyed by what goes in (`source_hash`): apps with the same sources, toolchain
     and SDK share one build (each app's own `app.toml` is not part of it). A current build in the app's
     own folder (`amphibia build`, a notebook) is used as it is rather than built again."""
     app_dir = Path(app_dir).resolve()
-    src = source_hash(app_dir)
+    src = src or source_hash(app_dir)
     shared = store / src[:32]
     if _current(shared, src) is None:
         own = _current(app_dir / ".amphibia", src)
         if own is not None:
             return own
-    return build(app_dir, shared, name)
+    return build(app_dir, shared, name, src=src)
 
 
 def _current(out_dir: Path, src: str) -> BuildResult | None:
     """The build in `out_dir` if it was made from sources with hash `src` and is complete."""
-    wasm, manifest_path = out_dir / "app.wasm", out_dir / "manifest.json"
-    if not (wasm.is_file() and manifest_path.is_file()):
+    found = complete_build(out_dir)
+    if found is None or found.manifest.get("source_sha256") != src or found.sha256 != _sha256(found.wasm):
         return None
+    return found
+
+
+def complete_build(out_dir: Path) -> BuildResult | None:
+    """The build in `out_dir`, whatever its sources, if it is all there (a cheap check: sizes, not hashes)."""
+    wasm, manifest_path = out_dir / "app.wasm", out_dir / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
-    except ValueError:
+        size = wasm.stat().st_size
+    except (OSError, ValueError):
         return None
-    browser_ok = manifest.get("browser") is not None or jco_path() is None
-    if manifest.get("source_sha256") == src and manifest.get("wasm_sha256") == _sha256(wasm) and browser_ok:
-        return BuildResult(wasm, manifest, rebuilt=False)
-    return None
+    if not isinstance(manifest, dict) or manifest.get("wasm_bytes") != size or not manifest.get("wasm_sha256"):
+        return None
+    if manifest.get("browser") is None and jco_path() is not None:
+        return None
+    return BuildResult(wasm, manifest, rebuilt=False)
 
 
 def build(app_dir: str | Path, out_dir: str | Path | None = None, name: str | None = None,
-          force: bool = False) -> BuildResult:
+          force: bool = False, src: str | None = None) -> BuildResult:
     """Build `app_dir` into `out_dir` (default: `app_dir/.amphibia`), unless an identical build is there."""
     app_dir = Path(app_dir).resolve()
     if not (app_dir / "app.py").is_file():
@@ -203,7 +225,7 @@ def build(app_dir: str | Path, out_dir: str | Path | None = None, name: str | No
     out_dir = Path(out_dir) if out_dir else app_dir / ".amphibia"
     out_dir.mkdir(parents=True, exist_ok=True)
     wasm, manifest_path = out_dir / "app.wasm", out_dir / "manifest.json"
-    src = source_hash(app_dir)
+    src = src or source_hash(app_dir)
     current = None if force else _current(out_dir, src)
     if current is not None:
         return current

@@ -64,7 +64,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = replace(config, server=replace(config.server, host=host, port=port))  # the trusted hosts need it
     print(f"Amphibia: {len(config.apps)} app(s) on http://{host}:{port}/ ({', '.join(config.apps) or 'none'})",
           flush=True)
-    app = create_app(config, local_worker_port=None if args.no_local_worker else port, config_target=args.target)
+    app = create_app(config, local_worker_port=None if args.no_local_worker else port, config_target=args.target,
+                     watch=args.watch)
     logging.getLogger("uvicorn.access").addFilter(RedactTokens())
     uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=args.access_log,
                 ws_max_size=MAX_FRAME_BYTES)
@@ -159,6 +160,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info")
     s.add_argument("--access-log", action="store_true")
     s.add_argument("--no-local-worker", action="store_true", help="a pure gateway: only remote workers serve")
+    s.add_argument("--watch", action="store_true",
+                   help="rebuild an app when its files change and swap it in (the old build serves meanwhile)")
     s.set_defaults(fn=cmd_up)
 
     s = sub.add_parser("worker", help="serve a model to a gateway's pool")

@@ -117,6 +117,12 @@ class ServerConfig:
     # Builds of the apps a gateway serves, one per distinct input (sources, SDK, toolchain): apps with
     # the same sources share one build, one compiled component and one copy on disk.
     build_dir: Path = Path(".amphibia/builds")
+    # Compiled components kept in memory (a few MB each; apps with one build share one). Beyond it the
+    # least recently used is unloaded and maps again from disk on its next request (milliseconds).
+    max_loaded_apps: int = 100
+    # Disk for builds and compiled components together; beyond it the coldest that no served app
+    # uses are deleted (0: no budget).
+    store_max_mb: int = 10240
     # Origins (besides the gateway's own) whose pages may use the browser bridge, e.g.
     # "https://example.com"; "*" allows any.
     allowed_origins: tuple[str, ...] = ()
@@ -322,6 +328,9 @@ def _from_toml(path: Path) -> Config:
     server = _take(ServerConfig, server_table, f"{path}: [server]")
     # Folders are relative to the file that names them (or to it by default).
     server = replace(server, cache_dir=root / server.cache_dir, build_dir=root / server.build_dir)
+    for key in ("guest_threads", "guest_memory_mb", "queue_limit", "max_loaded_apps", "store_max_mb"):
+        if getattr(server, key) < 0:
+            raise ConfigError(f"{path}: [server] {key} must be 0 or more, not {getattr(server, key)}")
 
     limits = _limits(Limits(), data.get("limits"), f"{path}: [limits]")
 

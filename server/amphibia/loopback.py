@@ -32,9 +32,9 @@ class ThreadedServer:
 
 
 def serve_in_thread(asgi: Any, port: int | None = None, host: str = "127.0.0.1",
-                    start_timeout_s: float = 600.0) -> ThreadedServer:
+                    start_timeout_s: float = 600.0, wait_for_apps: bool = True) -> ThreadedServer:
     """Serve `asgi` with uvicorn in a daemon thread; returns once it accepts connections and, for a
-    gateway, its apps are built and loaded. The first start may build every app (~15 s each)."""
+    gateway (unless not `wait_for_apps`), its apps are built. The first start may build every app."""
     port = port or free_port(host)
     server = uvicorn.Server(uvicorn.Config(asgi, host=host, port=port, log_level="warning", access_log=False,
                                            ws_max_size=MAX_FRAME_BYTES))
@@ -42,7 +42,7 @@ def serve_in_thread(asgi: Any, port: int | None = None, host: str = "127.0.0.1",
     thread.start()
     deadline = time.monotonic() + start_timeout_s
     # A gateway answers at once and builds its apps in the background: wait for those too.
-    gateway = getattr(getattr(asgi, "state", None), "gateway", None)
+    gateway = getattr(getattr(asgi, "state", None), "gateway", None) if wait_for_apps else None
     while not server.started or (gateway is not None and gateway.building):
         if not thread.is_alive() or time.monotonic() > deadline:
             raise AmphibiaError(f"the gateway on {host}:{port} did not start")

@@ -35,6 +35,7 @@ from .gateway import Gateway, default_models_of, start_building
 from .hosts import TrustedHosts
 from .pool import metrics, pool_status, worker_socket
 from .request_ids import RequestIds
+from .watch import watch_apps
 from .websocket import capped
 
 log = logging.getLogger("amphibia.gateway")
@@ -63,18 +64,20 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(config: Config, engine: Engine | None = None, warm_model: bool = True,
-               local_worker_port: int | None = None, config_target: str | None = None) -> Starlette:
+               local_worker_port: int | None = None, config_target: str | None = None,
+               watch: bool = False) -> Starlette:
     """The gateway. With no `engine`, inference goes to the pool's broker, and with `local_worker_port`
     a worker process is started (and restarted whenever it exits) that dials back to this gateway on
     that port. An `engine` (e.g. the in-process one) serves every entrance instead: apps, the open
-    APIs, the bridge. Only requests for `config.server.hosts` (and the bind host) are served."""
+    APIs, the bridge. Only requests for `config.server.hosts` (and the bind host) are served. With
+    `watch`, an app whose files change is rebuilt and swapped in (see `http/watch.py`)."""
     broker = pool_engine = None
     if engine is None:
         broker = Broker(config.pool)
         engine = pool_engine = PoolEngine(broker, config.models)
     service = InferenceService(engine)
     runtime = Runtime([LlmHost(service)], config.server.cache_dir, config.server.guest_slots,
-                      config.server.queue_limit)
+                      config.server.queue_limit, config.server.max_loaded_apps)
     token = config.pool.token or os.environ.get("AMPHIBIA_POOL_TOKEN") or secrets.token_urlsafe(24)
     gateway = Gateway(config, service, runtime, broker, token, secrets.token_bytes(32))
 
@@ -91,7 +94,10 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
                 supervisor.run()
             # Serve at once: apps build in the background (503 `building` until each is ready), and
             # the in-process engine loads its model meanwhile.
-            background.append(start_building(gateway))
+            building = start_building(gateway)
+            background.append(building)
+            if watch:
+                background.append(asyncio.create_task(watch_apps(gateway, building)))
             warm = getattr(engine, "warm", None)
             if warm_model and warm is not None:
                 for model in default_models_of(config):

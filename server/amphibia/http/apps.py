@@ -13,7 +13,7 @@ from ..config import BROWSER_ENGINES
 from ..sandbox.runtime import HttpRequest
 from .assets import browser_model, version_of
 from .body import read_body, request_id
-from .gateway import gateway_of, health_problems, progress, served_app
+from .gateway import component_of, gateway_of, health_problems, progress, served_app
 
 _pages = jinja2.Environment(
     loader=jinja2.PackageLoader("amphibia", "templates"), autoescape=jinja2.select_autoescape(["html"])
@@ -36,7 +36,8 @@ async def app_route(request: Request) -> Response:
         body=await read_body(request),
     )
     # A client that hangs up ends its request: the guest's inference is cancelled, its slot freed.
-    res = await gateway.runtime.handle_async(app.spec, app.component, http, rid, disconnected=request.is_disconnected)
+    component = await component_of(gateway, app)
+    res = await gateway.runtime.handle_async(app.spec, component, http, rid, disconnected=request.is_disconnected)
     headers = [(k.lower(), v) for k, v in res.headers if k.lower() not in ("content-length", "transfer-encoding")]
     response = Response(res.body, res.status)
     for key, value in headers:
@@ -75,6 +76,8 @@ async def index(request: Request) -> Response:
     gateway = gateway_of(request)
     page = _pages.get_template("index.html").render(
         apps=[a.spec for a in gateway.apps.values()], failed=gateway.failed, building=gateway.building,
+        updating=gateway.updating,
+        served=gateway.apps.keys(),
         progress=progress(gateway), models=sorted(gateway.config.models),
     )
     return HTMLResponse(page)
@@ -93,6 +96,7 @@ async def healthz(request: Request) -> Response:
         "apps": sorted(gateway.apps),
         "failed": sorted(gateway.failed),
         "building": sorted(gateway.building),
+        "updating": sorted(gateway.updating),
         "progress": progress(gateway),
         "models": sorted(gateway.service.models()),
         "in_flight": gateway.runtime.in_flight,
@@ -110,7 +114,9 @@ async def list_apps(request: Request) -> Response:
          "page": f"/apps/{a.spec.name}/browser/",
          "core_wasm": sorted(f for f in (a.manifest.get("browser") or {}) if f.endswith(".wasm")),
          "engine": a.spec.browser_engine,
+         "updating": a.spec.name in gateway.updating, "build_error": gateway.failed.get(a.spec.name),
          "local_model": browser_model(gateway.config, a.spec.model)}
         for a in gateway.apps.values()
-    ], "building": dict(sorted(gateway.building.items())), "failed": dict(sorted(gateway.failed.items())),
+    ], "building": dict(sorted(gateway.building.items())), "updating": sorted(gateway.updating),
+        "failed": dict(sorted(gateway.failed.items())),
         "progress": progress(gateway), "max_local_model_bytes": int(gateway.config.server.browser_max_model_mb * 1e6)})

@@ -14,23 +14,51 @@ from typing import Any, Callable, TypeVar
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
 
-from ..build import build_in_store, build_owner, source_hash
+from ..build import BuildResult, build_in_store, build_owner, source_hash, toolchain_hash
 from ..config import AppSpec, Config
 from ..errors import AmphibiaError, AppNotFound, Building
 from ..inference.pool.broker import Broker
 from ..inference.service import InferenceService
 from ..sandbox.runtime import Runtime
+from ..store import evict, last_served, remember_served
 
 log = logging.getLogger("amphibia.gateway")
 T = TypeVar("T")
 
 
-@dataclass
-class LoadedApp:
-    spec: AppSpec
-    component: Any
+@dataclass(frozen=True)
+class Built:
+    """One build in the store: what apps with the same sources share. Its component is loaded when a
+    request needs it (`component_of`) and may be unloaded again when others are used more."""
+
+    wasm: Path
+    sha256: str
     manifest: dict
-    build_dir: Path  # app.wasm, manifest.json and the browser build; shared by apps with the same sources
+    build_dir: Path  # app.wasm, manifest.json and the browser build
+
+    @classmethod
+    def of(cls, result: BuildResult) -> "Built":
+        return cls(result.wasm, result.sha256, result.manifest, result.wasm.parent)
+
+    def serve_as(self, spec: AppSpec) -> "LoadedApp":
+        return LoadedApp(spec, self)
+
+
+@dataclass(frozen=True)
+class LoadedApp:
+    """An app being served: its configuration and the build that answers for it. Swapping in a new
+    build replaces the whole LoadedApp; a request that started on the old one finishes on it."""
+
+    spec: AppSpec
+    build: Built
+
+    @property
+    def manifest(self) -> dict:
+        return self.build.manifest
+
+    @property
+    def build_dir(self) -> Path:
+        return self.build.build_dir
 
 
 class SocketCounts:
@@ -59,8 +87,8 @@ class SocketCounts:
 
 @dataclass
 class Gateway:
-    """Set up once at startup. `apps`, `failed` and `building` change as apps are built (by
-    `start_building`, on the event loop); everything else is read-only."""
+    """Set up once at startup. `apps`, `failed`, `building` and `updating` change as apps are built
+    (by `update_apps`, on the event loop); everything else is read-only."""
 
     config: Config
     service: InferenceService
@@ -69,9 +97,13 @@ class Gateway:
     pool_token: str = ""
     bridge_secret: bytes = b""  # signs browser bridge tokens; new per gateway process
     apps: dict[str, LoadedApp] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)  # app name -> build error, shown on the index
-    building: dict[str, str] = field(default_factory=dict)  # app name -> "waiting" or "building"
+    # app name -> its last build error, shown on the index. An app can be in `apps` too: its new
+    # version failed and the one before still serves.
+    failed: dict[str, str] = field(default_factory=dict)
+    building: dict[str, str] = field(default_factory=dict)  # not served yet: "waiting" or "building"
+    updating: dict[str, str] = field(default_factory=dict)  # served by an older build while a new one builds
     sockets: SocketCounts = field(init=False)  # open WebSockets per client address
+    build_slots: asyncio.Semaphore | None = None  # builds at once (one per core), made on first use
 
     def __post_init__(self) -> None:
         self.sockets = SocketCounts(self.config.server.max_sockets_per_ip)
@@ -89,8 +121,15 @@ def served_app(gateway: Gateway, name: str) -> LoadedApp:
 
 
 def progress(gateway: Gateway) -> dict[str, int]:
-    return {"ready": len(gateway.apps), "building": len(gateway.building), "failed": len(gateway.failed),
-            "total": len(gateway.apps) + len(gateway.building) + len(gateway.failed)}
+    return {"ready": len(gateway.apps), "building": len(gateway.building), "updating": len(gateway.updating),
+            "failed": len(gateway.failed), "total": len(gateway.apps.keys() | gateway.building.keys() | gateway.failed.keys())}
+
+
+async def component_of(gateway: Gateway, app: LoadedApp) -> Any:
+    """The app's compiled component: from memory, else mapped from the disk cache off the event loop
+    (milliseconds; it was compiled when the app was built)."""
+    cache = gateway.runtime.cache
+    return cache.loaded(app.build.sha256) or await asyncio.to_thread(cache.load, app.build.wasm, app.build.sha256)
 
 
 def gateway_of(conn: HTTPConnection) -> Gateway:
@@ -100,78 +139,126 @@ def gateway_of(conn: HTTPConnection) -> Gateway:
     return gateway
 
 
-@dataclass(frozen=True)
-class Built:
-    """One build in the store and its loaded component: what apps with the same sources share."""
-
-    component: Any
-    manifest: dict
-    build_dir: Path
-
-    def serve_as(self, spec: AppSpec) -> LoadedApp:
-        return LoadedApp(spec, self.component, self.manifest, self.build_dir)
-
-
-def build_and_load(runtime: Runtime, spec: AppSpec, store: Path) -> Built:
-    """Build `spec`'s sources into the store (unless that build is there) and load the component. Blocking."""
-    result = build_in_store(spec.path, store, name=spec.name)
-    component = runtime.load(result.wasm, result.sha256)  # an unwritable compile cache only costs the cache
+def build_and_prepare(runtime: Runtime, spec: AppSpec, store: Path, src: str) -> Built:
+    """Build `spec`'s sources into the store (unless that build is there) and compile its component
+    to the disk cache, so the app's first request only maps it. Blocking."""
+    result = build_in_store(spec.path, store, name=spec.name, src=src)
+    runtime.cache.prepare(result.wasm, result.sha256)  # an unwritable compile cache only costs the cache
     log.info("app %s ready (%s, %s)", spec.name, result.sha256[:12], "built" if result.rebuilt else "cached")
-    return Built(component, result.manifest, result.wasm.parent)
+    return Built.of(result)
 
 
-def _record(gateway: Gateway, spec: AppSpec, outcome: LoadedApp | BaseException) -> None:
-    """Whatever goes wrong with one app (a build error, but also an OSError such as a full disk) is
-    logged with its name and listed in `gateway.failed`; the gateway still serves the others."""
-    if isinstance(outcome, LoadedApp):
-        gateway.apps[spec.name] = outcome
-    elif isinstance(outcome, AmphibiaError):
-        gateway.failed[spec.name] = outcome.message
-        log.error("app %s not served: %s", spec.name, outcome.message)
-    else:  # not ours to expect, so the traceback goes to the log
-        gateway.failed[spec.name] = f"{type(outcome).__name__}: {outcome}"
-        log.error("app %s not served", spec.name, exc_info=outcome)
+@dataclass(frozen=True)
+class Survey:
+    """What is known about one app before building: its input's hash (or why there is none) and the
+    build it was last served from (to serve while a new one builds)."""
+
+    key: str | BaseException
+    previous: Built | None
 
 
-def start_building(gateway: Gateway, parallel: int | None = None) -> "asyncio.Task[None]":
-    """Build and load every configured app in the background while the gateway serves, `parallel` at
-    a time (default: one per core; a build is mostly componentize-py's own process). Until it is
-    done an app is listed in `gateway.building` (from now on) and answers 503 `building`."""
+def survey(specs: list[AppSpec], store: Path) -> dict[str, Survey]:
+    """Hash every app's sources (each folder once, the toolchain once) and find their last builds.
+    Blocking; one thread for all, not one per app: 1,000 apps may share a folder."""
+    toolchain = toolchain_hash()
+    keys: dict[Path, str | BaseException] = {}
+    out = {}
+    for spec in specs:
+        folder = spec.path.resolve()
+        if folder not in keys:
+            try:
+                keys[folder] = source_hash(folder, toolchain)
+            except Exception as exc:  # an unreadable folder fails that app, not the survey
+                keys[folder] = exc
+        previous = last_served(store, spec.name, folder)
+        out[spec.name] = Survey(keys[folder], Built.of(previous) if previous else None)
+    return out
+
+
+def start_building(gateway: Gateway) -> "asyncio.Task[None]":
+    """Build and serve every configured app in the background while the gateway serves. Until its
+    build is ready an app answers 503 `building`, or is served by its last build if it has one."""
     specs = list(gateway.config.apps.values())
     for spec in specs:
         gateway.building[spec.name] = "waiting"
-    return asyncio.create_task(_build_apps(gateway, specs, parallel))
+    return asyncio.create_task(update_apps(gateway, specs))
 
 
-async def _build_apps(gateway: Gateway, specs: list[AppSpec], parallel: int | None) -> None:
+async def update_apps(gateway: Gateway, specs: list[AppSpec]) -> None:
+    """Build `specs` (each distinct input once, one build per core at a time) and swap each app to
+    its new build when it is ready. Meanwhile an app is served by what served it before (in this
+    process, or its last build in the store: after an upgrade nothing goes down); an app with
+    nothing to serve answers 503 `building`. A failed build leaves the old version serving."""
     build_owner.set(gateway)  # this task's builds are the gateway's (see `build.stop_builds`)
-    slots = asyncio.Semaphore(parallel or os.cpu_count() or 1)
+    if gateway.build_slots is None:
+        gateway.build_slots = asyncio.Semaphore(os.cpu_count() or 1)  # a build is mostly its own process
     started = time.monotonic()
     store = gateway.config.server.build_dir
-    builds: dict[str, asyncio.Future[Built]] = {}  # source hash -> its one build, awaited by every app with it
+    found = await _in_daemon_thread(survey, specs, store)
+    builds: dict[str, asyncio.Future[Built]] = {}  # input hash -> its one build, awaited by every app with it
+    served: list[tuple[str, Path, Path]] = []
 
-    async def build_once(spec: AppSpec) -> Built:
-        async with slots:
-            gateway.building[spec.name] = "building"
-            return await _in_daemon_thread(build_and_load, gateway.runtime, spec, store)
+    async def build_once(spec: AppSpec, key: str) -> Built:
+        assert gateway.build_slots is not None
+        async with gateway.build_slots:
+            if spec.name in gateway.building:
+                gateway.building[spec.name] = "building"
+            return await _in_daemon_thread(build_and_prepare, gateway.runtime, spec, store, key)
 
     async def one(spec: AppSpec) -> None:
+        name, what = spec.name, found[spec.name]
+        serving = gateway.apps.get(name)
+        if serving is None and what.previous is not None:
+            serving = gateway.apps[name] = what.previous.serve_as(spec)
+        if serving is not None:
+            gateway.building.pop(name, None)
+            gateway.updating[name] = "building"
         try:
-            key = await _in_daemon_thread(source_hash, spec.path.resolve())
-            if key not in builds:
-                builds[key] = asyncio.ensure_future(build_once(spec))
-            outcome: LoadedApp | BaseException = (await asyncio.shield(builds[key])).serve_as(spec)
+            if isinstance(what.key, BaseException):
+                raise what.key
+            if what.key not in builds:
+                builds[what.key] = asyncio.ensure_future(build_once(spec, what.key))
+            built = await asyncio.shield(builds[what.key])
         except Exception as exc:
-            outcome = exc
-        _record(gateway, spec, outcome)
-        gateway.building.pop(spec.name, None)
-        log.info("apps: %d ready, %d failed, %d to go", len(gateway.apps), len(gateway.failed),
-                 len(gateway.building))
+            _record_failure(gateway, spec, exc, still_serving=serving is not None)
+        else:
+            gateway.apps[name] = built.serve_as(spec)
+            gateway.failed.pop(name, None)
+            served.append((name, spec.path, built.build_dir))
+            if serving is not None and serving.build != built:
+                log.info("app %s now served by its new build %s", name, built.sha256[:12])
+        finally:
+            gateway.building.pop(name, None)
+            gateway.updating.pop(name, None)
 
     await asyncio.gather(*(one(spec) for spec in specs))
+    await _in_daemon_thread(_after_builds, gateway, served)
     if specs:
-        log.info("all %d app(s) built in %.1f s (%d distinct builds): %d ready, %d failed", len(specs),
+        log.info("%d app(s) built in %.1f s (%d distinct builds): %d ready, %d failed", len(specs),
                  time.monotonic() - started, len(builds), len(gateway.apps), len(gateway.failed))
+
+
+def _after_builds(gateway: Gateway, served: list[tuple[str, Path, Path]]) -> None:
+    """Remember what serves each app, then keep the store within its disk budget (never touching
+    what any app is served by)."""
+    server = gateway.config.server
+    remember_served(server.build_dir, served)
+    in_use = list(gateway.apps.values())  # a copy: the event loop may swap apps meanwhile
+    evict(server.build_dir, server.cache_dir, server.store_max_mb,
+          keep={a.build_dir for a in in_use}, keep_sha256={a.build.sha256 for a in in_use})
+
+
+def _record_failure(gateway: Gateway, spec: AppSpec, error: BaseException, still_serving: bool) -> None:
+    """Whatever goes wrong with one app (a build error, but also an OSError such as a full disk) is
+    logged with its name and listed in `gateway.failed`; the gateway still serves the others, and
+    the app itself if an older build of it serves."""
+    message = error.message if isinstance(error, AmphibiaError) else f"{type(error).__name__}: {error}"
+    gateway.failed[spec.name] = message
+    also = " (its previous build still serves it)" if still_serving else ""
+    if isinstance(error, AmphibiaError):
+        log.error("app %s not built%s: %s", spec.name, also, message)
+    else:  # not ours to expect, so the traceback goes to the log
+        log.error("app %s not built%s", spec.name, also, exc_info=error)
 
 
 async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -213,7 +300,9 @@ def default_models_of(config: Config) -> list[str]:
 def health_problems(gateway: Gateway) -> list[str]:
     """Why the gateway cannot serve everything it was configured for (empty: healthy): apps that
     failed to load, and (with a pool) models the apps need that no connected worker serves."""
-    reasons = [f"app {name!r} failed to build: {why}" for name, why in sorted(gateway.failed.items())]
+    reasons = [f"app {name!r}: its new version failed to build (the previous one still serves): {why}"
+               if name in gateway.apps else f"app {name!r} failed to build: {why}"
+               for name, why in sorted(gateway.failed.items())]
     if gateway.broker is not None:
         served = {m for w in gateway.broker.workers.values() for m in w.models}
         reasons += [f"no worker serves model {m!r}" for m in default_models_of(gateway.config) if m not in served]

@@ -25,7 +25,7 @@ import httpx
 from ..config import Config, Limits, PoolConfig, ServerConfig
 from ..errors import AmphibiaError
 from ..http.app import create_app
-from ..http.gateway import LoadedApp
+from ..http.gateway import Built
 from ..inference.pool.spawn import spawn_worker
 from ..inference.pool.spawn import stop_worker as stop_process
 from ..loopback import free_port, serve_in_thread
@@ -97,9 +97,9 @@ class BackgroundGateway:
     def add(self, app: NotebookApp, name: str | None = None, **overrides: Any) -> str:
         """Serve `app` (as `name`, with other `limits` or `weight`) from now on; returns its URL."""
         spec = self._spec(app, name, **overrides)
-        component = self.gateway.runtime.load(app.build.wasm, app.build.sha256)
+        self.gateway.runtime.load(app.build.wasm, app.build.sha256)  # loaded now: its first request is warm
         self.config.apps[spec.name] = spec
-        self.gateway.apps[spec.name] = LoadedApp(spec, component, app.manifest, app.build.wasm.parent)
+        self.gateway.apps[spec.name] = Built.of(app.build).serve_as(spec)
         return self.app_url(spec.name)
 
     def _spec(self, app: NotebookApp, name: str | None, **overrides: Any) -> Any:
