@@ -129,6 +129,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.chaos import main as chaos_main
 
         return chaos_main(args)
+    if args.which == "density":
+        from .bench.density import main as density_main
+
+        return density_main(args)
     if args.which == "inflight":
         from .bench.inflight import main as inflight_main
 
@@ -183,8 +187,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_models)
 
     s = sub.add_parser("bench", help="run a benchmark; the last line printed is JSON")
-    s.add_argument("which", choices=["cold-start", "pool", "browser", "chaos", "inflight"])
-    s.add_argument("--quick", action="store_true", help="pool, browser, chaos: a reduced run (about a minute)")
+    s.add_argument("which", choices=["cold-start", "pool", "browser", "chaos", "inflight", "density"])
+    s.add_argument("--quick", action="store_true", help="pool, browser, chaos, density: a reduced run (a minute or two)")
     s.add_argument("--json", action="store_true", help="print only the JSON result line")
     s.add_argument("--app", default=None, help="app folder (default: examples/chat)")
     s.add_argument("-n", "--requests", type=int, default=300)

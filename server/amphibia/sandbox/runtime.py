@@ -163,9 +163,15 @@ class ComponentCache:
 
     def prepare(self, wasm: Path, sha256: str) -> None:
         """Make sure the compiled artifact is on disk (compiling it if not), so that the first request
-        only maps it. Blocking: a compile takes seconds."""
-        if self.loaded(sha256) is None and not self.artifact(sha256).is_file():
-            self.load(wasm, sha256)
+        only maps it; memory is spent when a request comes. Blocking: a compile takes seconds."""
+        path = self.artifact(sha256)
+        if self.loaded(sha256) is not None or path.is_file():
+            return
+        started = time.perf_counter()
+        component = Component.from_file(self.wasmtime, str(wasm))
+        log.info("compiled %s in %.1f s", wasm, time.perf_counter() - started)
+        if not self._store(component, path):  # no disk cache: keep it, or every load would compile
+            self._keep(sha256, component)
 
     def load(self, wasm: Path, sha256: str | None = None) -> Component:
         sha256 = sha256 or hashlib.sha256(wasm.read_bytes()).hexdigest()
@@ -185,6 +191,9 @@ class ComponentCache:
             component = Component.from_file(self.wasmtime, str(wasm))
             log.info("compiled %s in %.1f s", wasm, time.perf_counter() - started)
             self._store(component, path)
+        return self._keep(sha256, component)
+
+    def _keep(self, sha256: str, component: Component) -> Component:
         with self._lock:
             component = self._mem.setdefault(sha256, component)
             self._mem.move_to_end(sha256)
@@ -193,9 +202,9 @@ class ComponentCache:
                 self.unloaded += 1
             return component
 
-    def _store(self, component: Component, path: Path) -> None:
+    def _store(self, component: Component, path: Path) -> bool:
         """Write the compiled artifact for the next start; a full disk or a read-only cache only costs
-        that (the component is served from memory), never the app."""
+        that (the component is served from memory), never the app. False if it could not."""
         tmp = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -203,11 +212,13 @@ class ComponentCache:
             with os.fdopen(fd, "wb") as f:
                 f.write(component.serialize())
             os.replace(tmp, path)
+            return True
         except OSError as exc:
             log.warning("could not cache the compiled component in %s (%s); serving it uncached", self.dir, exc)
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+            return False
 
 
 def _classify(exc: wasmtime.WasmtimeError, stderr_tail: bytes, app: AppSpec) -> GuestError:
