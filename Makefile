@@ -5,7 +5,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
-EXAMPLES := $(wildcard examples/*/app.py)
 
 .PHONY: up test install install-test build bench clean
 
@@ -14,13 +13,16 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # llama-cpp-python compiles llama.cpp from source on first install (about 6 minutes on 2 cores; pip
-# caches the wheel). For NVIDIA GPUs: CMAKE_ARGS="-DGGML_CUDA=on" make install
+# caches the wheel), shown as a progress bar by tools/pip_progress.py. For NVIDIA GPUs:
+# CMAKE_ARGS="-DGGML_CUDA=on" make install
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e .
+	$(BIN)/pip install -q 'rich>=13,<15'
+	$(BIN)/python tools/pip_progress.py -e .
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -q 'rich>=13,<15'
+	$(BIN)/python tools/pip_progress.py -e '.[test]'
 	touch $@ $(VENV)/.installed
 
 # jco (pinned in browser/package-lock.json) transpiles each app for the browser during `amphibia build`.
@@ -32,7 +34,7 @@ install: $(VENV)/.installed browser/node_modules/.package-lock.json
 install-test: $(VENV)/.installed-test browser/node_modules/.package-lock.json
 
 build: install
-	@for app in $(dir $(EXAMPLES)); do $(BIN)/amphibia build $$app || exit 1; done
+	$(BIN)/amphibia build examples
 
 up: build
 	$(BIN)/amphibia up examples --host $(HOST) --port $(PORT)

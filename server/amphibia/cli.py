@@ -32,12 +32,31 @@ def cmd_new(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import build
+    """Each target: one app's folder (built into its `.amphibia`, or `-o`), a folder of apps (each into
+    its own), or an amphibia.toml (its apps into its `[server] build_dir`, one build per distinct input)."""
+    from .build_all import Job, build_all
+    from .config import discover_apps, load_app
 
-    result = build(args.app_dir, args.output, force=args.force)
-    state = "built" if result.rebuilt else "up to date"
-    print(f"{result.wasm} {state} (sha256 {result.sha256[:16]}, {result.manifest['wasm_bytes'] / 1e6:.1f} MB)")
-    return 0
+    jobs: list[Job] = []
+    for target in args.targets:
+        path = Path(target)
+        if (path / "app.py").is_file():
+            jobs.append(Job(load_app(path).name, path.resolve(), Path(args.output) if args.output else None))
+        elif path.is_dir() and not (path / "amphibia.toml").is_file():
+            jobs += [Job(spec.name, spec.path) for spec in discover_apps(path.resolve()).values()]
+        else:
+            config = load_config(target)
+            jobs += [Job(spec.name, spec.path, store=config.server.build_dir) for spec in config.apps.values()]
+    if args.output and len(jobs) != 1:
+        raise AmphibiaError("-o/--output needs exactly one app to build")
+    if not jobs:
+        raise AmphibiaError(f"no apps in {', '.join(args.targets)}")
+    outcomes = build_all(jobs, force=args.force, parallel=args.jobs)
+    for o in outcomes:
+        if o.result is not None:
+            print(f"{o.result.wasm} {o.state} (sha256 {o.result.sha256[:16]}, "
+                  f"{o.result.manifest['wasm_bytes'] / 1e6:.1f} MB)")
+    return 1 if any(o.error for o in outcomes) else 0
 
 
 class RedactTokens(logging.Filter):
@@ -151,10 +170,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--description", default="An Amphibia app.")
     s.set_defaults(fn=cmd_new)
 
-    s = sub.add_parser("build", help="compile an app folder to app.wasm")
-    s.add_argument("app_dir")
-    s.add_argument("-o", "--output", help="output folder (default: APP_DIR/.amphibia)")
+    s = sub.add_parser("build", help="compile apps to components (app folders, folders of apps, amphibia.toml)")
+    s.add_argument("targets", nargs="+", metavar="TARGET")
+    s.add_argument("-o", "--output", help="output folder for a single app (default: APP_DIR/.amphibia)")
     s.add_argument("--force", action="store_true", help="rebuild even if sources are unchanged")
+    s.add_argument("-j", "--jobs", type=int, default=None, help="builds at once (default: one per core)")
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("up", help="serve apps (an amphibia.toml, a folder of apps, or one app)")

@@ -106,6 +106,8 @@ async def healthz(request: Request) -> Response:
 
 async def list_apps(request: Request) -> Response:
     gateway = gateway_of(request)
+    # Per model, not per app: a gateway may serve 1,000 apps on one model.
+    local = {m: browser_model(gateway.config, m) for m in {a.spec.model for a in gateway.apps.values()}}
     return JSONResponse({"apps": [
         {"name": a.spec.name, "description": a.spec.description, "model": a.spec.model,
          "allowed_models": list(a.spec.allowed_models), "url": f"/apps/{a.spec.name}/",
@@ -115,7 +117,7 @@ async def list_apps(request: Request) -> Response:
          "core_wasm": sorted(f for f in (a.manifest.get("browser") or {}) if f.endswith(".wasm")),
          "engine": a.spec.browser_engine,
          "updating": a.spec.name in gateway.updating, "build_error": gateway.failed.get(a.spec.name),
-         "local_model": browser_model(gateway.config, a.spec.model)}
+         "local_model": local[a.spec.model]}
         for a in gateway.apps.values()
     ], "building": dict(sorted(gateway.building.items())), "updating": sorted(gateway.updating),
         "failed": dict(sorted(gateway.failed.items())),

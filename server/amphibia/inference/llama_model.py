@@ -10,9 +10,11 @@ repeat window or seed.
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,6 +23,8 @@ import llama_cpp as L
 from ..errors import InvalidInput, LLMError
 from . import chat_template
 from .types import SamplingParams
+
+log = logging.getLogger("amphibia.model")
 
 _backend_ready = False
 
@@ -55,6 +59,26 @@ def _init_backend() -> None:
         _backend_ready = True
 
 
+class _LoadProgress:
+    """Logs a model load every quarter, so a multi-GB first load is not minutes of silence."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.started, self.next = path, time.monotonic(), 0.25
+        size = path.stat().st_size / 2**20 if path.is_file() else 0
+        log.info("loading %s (%.0f MB)", path.name, size)
+        self.callback = L.llama_progress_callback(self._progress)
+
+    def _progress(self, fraction: float, _user: Any) -> bool:
+        if fraction >= self.next and fraction < 1.0:
+            log.info("loading %s: %d%% (%.1f s)", self.path.name, int(fraction * 100), time.monotonic() - self.started)
+            while self.next <= fraction:
+                self.next += 0.25
+        return True  # go on
+
+    def done(self) -> None:
+        log.info("loaded %s in %.1f s", self.path.name, time.monotonic() - self.started)
+
+
 class LlamaModel:
     def __init__(self, path: Path, n_ctx: int = 2048, gpu_layers: int = 0, threads: int = 2, slots: int = 1) -> None:
         """`n_ctx` is per sequence; `slots` sequences share one context, each in its own KV stream."""
@@ -62,7 +86,10 @@ class LlamaModel:
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = gpu_layers
         mparams.use_extra_bufts = USE_EXTRA_BUFFERS
+        progress = _LoadProgress(path)
+        mparams.progress_callback = progress.callback  # kept alive by `progress` until the load returns
         self.model = L.llama_model_load_from_file(str(path).encode(), mparams)
+        progress.done()
         if not self.model:
             raise LLMError(f"llama.cpp could not load {path}")
         self.vocab = L.llama_model_get_vocab(self.model)
