@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import free_port
+from conftest import EXAMPLES, free_port
 
 AMPHIBIA = [sys.executable, "-m", "amphibia.cli"]
 
@@ -144,3 +144,16 @@ def test_access_log_keeps_bridge_tokens_out() -> None:
                                ("127.0.0.1:5000", "GET", "/bridge?token=eyJhcHAi.c2ln&x=1", "1.1", 101), None)
     assert RedactTokens().filter(record)
     assert "eyJhcHAi" not in record.getMessage() and "token=[redacted]&x=1" in record.getMessage()
+
+
+def test_build_many_apps_shows_a_summary_and_a_failure_stops_no_other(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "app.py").write_text("from amphibia_guest import App\napp = App(\n")
+    config = tmp_path / "amphibia.toml"
+    config.write_text(f'[server]\nbuild_dir = "{tmp_path / "builds"}"\n'
+                      f'[apps.tokens]\npath = "{EXAMPLES / "tokens"}"\n[apps.broken]\npath = "{broken}"\n')
+    out = run("build", str(config))
+    assert out.returncode == 1, out.stderr
+    assert "2 app(s): 0 built, 1 up to date, 1 failed" in out.stderr  # tokens: its own build is current
+    assert "SyntaxError" in out.stderr and "tokens/.amphibia/app.wasm up to date" in out.stdout

@@ -133,3 +133,9 @@ def test_trusted_hosts_default_to_loopback() -> None:
     from amphibia.config import ServerConfig
 
     assert {"localhost", "127.0.0.1", "::1"} <= set(ServerConfig().hosts)
+
+
+def test_negative_budgets_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "amphibia.toml").write_text("[server]\nmax_loaded_apps = -1\n")
+    with pytest.raises(ConfigError, match="max_loaded_apps must be 0 or more"):
+        load_config(tmp_path)
