@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: up test install install-test build bench clean
+.PHONY: up test install install-test build bench clean llama-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,25 @@ up: build
 test: install-test /usr/bin/chromium
 	$(BIN)/python -m pytest
 
-bench: install-test
+# llama.cpp's own llama-server, the peer `amphibia bench pool` compares against: built from the very
+# llama.cpp sources llama-cpp-python vendors (its sdist, from PyPI), with the same default flags, once.
+# About 15-20 minutes on 2 cores. For NVIDIA GPUs: CMAKE_ARGS="-DGGML_CUDA=on" make llama-server
+LLAMA_SERVER_DIR := .amphibia/llama-server
+LLAMA_SERVER := $(LLAMA_SERVER_DIR)/bin/llama-server
+$(LLAMA_SERVER): | $(VENV)/.installed
+	@set -e; v=$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))"); \
+	mkdir -p $(LLAMA_SERVER_DIR)/src; \
+	$(BIN)/pip download -q --no-deps --no-binary :all: "llama-cpp-python==$$v" -d $(LLAMA_SERVER_DIR); \
+	tar -xzf $(LLAMA_SERVER_DIR)/llama_cpp_python-$$v.tar.gz -C $(LLAMA_SERVER_DIR)/src --strip-components=1; \
+	cmake -S $(LLAMA_SERVER_DIR)/src/vendor/llama.cpp -B $(LLAMA_SERVER_DIR)/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF $(CMAKE_ARGS); \
+	cmake --build $(LLAMA_SERVER_DIR)/build --target llama-server -j $$(nproc); \
+	mkdir -p $(LLAMA_SERVER_DIR)/bin; cp $(LLAMA_SERVER_DIR)/build/bin/llama-server $@; \
+	echo "$$v" > $(LLAMA_SERVER_DIR)/bin/llama-cpp-python.version
+
+llama-server: $(LLAMA_SERVER)
+
+bench: install-test $(LLAMA_SERVER)
 	$(BIN)/amphibia bench cold-start
 	$(BIN)/amphibia bench pool
 	$(BIN)/amphibia bench chaos

@@ -28,7 +28,9 @@ class ScriptedModel:
             for piece in pieces:
                 self.pieces.setdefault(256 + len(self.pieces), piece)
         self.ids = {piece: token for token, piece in self.pieces.items()}
-        self.kv: dict[int, list[int]] = {}  # slot -> tokens decoded so far
+        self.kv: dict[int, list[int]] = {}  # slot -> tokens decoded so far (kept after a release)
+        self.busy: set[int] = set()  # admitted and not released
+        self.reused: list[tuple[int, int | None, int]] = []  # (slot, source, keep) per admit
         self.admitted: list[tuple[int, SamplingParams, list[int]]] = []
         self.steps: list[list[Feed]] = []
         self.fail_next_step = False
@@ -50,10 +52,15 @@ class ScriptedModel:
             raise InvalidInput(f"prompt is {len(tokens)} tokens; the model's context holds {self.n_ctx}")
         return tokens, n_prompt
 
-    def admit(self, slot: int, params: SamplingParams, remembered: Sequence[int] = ()) -> None:
-        assert 0 <= slot < self.slots and slot not in self.kv
-        self.kv[slot] = []
+    def admit(self, slot: int, params: SamplingParams, remembered: Sequence[int] = (), source: int | None = None,
+              keep: int = 0) -> None:
+        assert 0 <= slot < self.slots and slot not in self.busy
+        held = self.kv.get(slot if source is None else source, [])
+        assert keep <= len(held), "a slot can only keep what its source holds"
+        self.kv[slot] = list(held[:keep])
+        self.busy.add(slot)
         self.admitted.append((slot, params, list(remembered)))
+        self.reused.append((slot, source, keep))
 
     def step(self, feeds: Sequence[Feed]) -> list[tuple[int, bytes, bool]]:
         assert 0 < len(feeds) <= self.n_batch
@@ -63,6 +70,7 @@ class ScriptedModel:
             raise LLMError("llama_decode returned -3")
         picks = []
         for slot, token, pos, logits in feeds:
+            assert slot in self.busy, "only admitted slots are fed"
             assert pos == len(self.kv[slot]), "tokens are fed in order"
             self.kv[slot].append(token)
             if logits:
@@ -79,7 +87,7 @@ class ScriptedModel:
         return EOS, b"", True
 
     def release(self, slot: int) -> None:
-        self.kv.pop(slot, None)
+        self.busy.discard(slot)  # its KV stays, for a later sequence with the same prefix
 
     def piece(self, token: int) -> bytes:
         return self._bytes([token])
@@ -241,7 +249,7 @@ def test_cancel_frees_the_slot_and_a_waiting_sequence_takes_it_in_the_same_tick(
     batcher.submit(assign("b", "b"))
     batcher.submit(assign("c", "c"))
     batcher.turn()
-    assert len(model.kv) == 1 and set(batcher.held) == {"a", "b", "c"}  # one slot, two waiting
+    assert len(model.busy) == 1 and set(batcher.held) == {"a", "b", "c"}  # one slot, two waiting
     batcher.submit(wire.Cancel("a"))
     batcher.submit(wire.Cancel("c"))  # still waiting: it just goes
     batcher.turn()
@@ -251,7 +259,7 @@ def test_cancel_frees_the_slot_and_a_waiting_sequence_takes_it_in_the_same_tick(
     ended_a = [m for m in out if isinstance(m, (wire.Done, wire.Failed)) and m.id == "a"]
     assert len(ended_a) == 1 and ended_a[0].finish_reason == "cancelled"
     until_idle(batcher)
-    assert end_of(out, "b") == wire.Done("b", 1, 1, "stop") and model.kv == {}
+    assert end_of(out, "b") == wire.Done("b", 1, 1, "stop") and model.busy == set()
 
 
 def test_preempt_frees_the_slot_and_says_so() -> None:
@@ -301,7 +309,7 @@ def test_a_failed_decode_fails_its_batch_and_the_batcher_serves_on() -> None:
         failed = end_of(out, id)
         assert isinstance(failed, wire.Failed) and failed.error_type == "runtime_error"
         assert "decode failed" in failed.message
-    assert batcher.idle and model.kv == {}
+    assert batcher.idle and model.busy == set()
     batcher.submit(assign("c", "c"))
     until_idle(batcher)
     assert text_of(out, "c") == "C" and end_of(out, "c").finish_reason == "stop"
@@ -360,7 +368,7 @@ def test_drop_all_forgets_everything() -> None:
     batcher.turn()
     batcher.drop_all()
     batcher.turn()
-    assert batcher.idle and model.kv == {} and not [m for m in out if isinstance(m, (wire.Done, wire.Failed))]
+    assert batcher.idle and model.busy == set() and not [m for m in out if isinstance(m, (wire.Done, wire.Failed))]
 
 
 def test_run_serves_from_its_own_thread_until_told_to_stop() -> None:

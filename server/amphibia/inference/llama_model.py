@@ -176,10 +176,19 @@ class LlamaModel:
         return tokens, n_prompt
 
     # --- generation: the batch API ------------------------------------------------------------------
-    def admit(self, slot: int, params: SamplingParams, remembered: Sequence[int] = ()) -> None:
-        """Make `slot` ready for a new sequence: empty KV cells and a fresh sampler that has already
-        seen `remembered` (resumed text, so the repeat penalty counts it)."""
+    def admit(self, slot: int, params: SamplingParams, remembered: Sequence[int] = (), source: int | None = None,
+              keep: int = 0) -> None:
+        """Make `slot` ready for a new sequence: its KV holds the first `keep` positions of what
+        `source` (default: `slot` itself) holds, nothing after, and a fresh sampler has already seen
+        `remembered` (resumed text, so the repeat penalty counts it). Copying from another slot
+        costs one copy of that slot's KV buffer (milliseconds), far less than prefilling again."""
         self.release(slot)
+        memory = L.llama_get_memory(self.ctx)
+        if keep > 0 and source is not None and source != slot:
+            # Each slot is its own KV stream: llama.cpp copies a whole stream, then the tail goes.
+            L.llama_memory_seq_rm(memory, slot, -1, -1)
+            L.llama_memory_seq_cp(memory, source, slot, -1, -1)
+        L.llama_memory_seq_rm(memory, slot, keep, -1)
         sampler = self._sampler(params)
         for token in remembered:
             L.llama_sampler_accept(sampler, token)
@@ -198,8 +207,8 @@ class LlamaModel:
         return sampled
 
     def release(self, slot: int) -> None:
-        """Free `slot`'s KV cells and sampler; a free slot is left as it is."""
-        L.llama_memory_seq_rm(L.llama_get_memory(self.ctx), slot, -1, -1)
+        """Free `slot`'s sampler. Its KV stays: a later sequence with the same prefix (the app's
+        system prompt, a preempted sequence resuming) starts from it (see `admit`)."""
         sampler = self._samplers.pop(slot, None)
         if sampler is not None:
             L.llama_sampler_free(sampler)
