@@ -389,3 +389,65 @@ def test_run_serves_from_its_own_thread_until_told_to_stop() -> None:
     batcher.submit(None)
     thread.join(10)
     assert not thread.is_alive() and text_of(out, "a") == "Hello"
+
+
+SYSTEM = "You are a helpful assistant. " * 4  # 116 tokens (bytes) shared by every user of an app
+
+
+def prefilled(model: ScriptedModel, slot: int | None = None) -> int:
+    """Prompt tokens decoded without logits so far (prefill), in `slot` or in all."""
+    return sum(1 for step in model.steps for f in step if not f.logits and (slot is None or f.slot == slot))
+
+
+def test_a_second_request_with_the_same_prefix_prefills_only_what_differs() -> None:
+    model, batcher, out = setup({SYSTEM + "Q1": [b"one"], SYSTEM + "Q2": [b"two"]}, slots=2)
+    batcher.submit(assign("a", SYSTEM + "Q1"))
+    until_idle(batcher)
+    before = prefilled(model)
+    batcher.submit(assign("b", SYSTEM + "Q2"))
+    until_idle(batcher)
+    assert text_of(out, "a") == "one" and text_of(out, "b") == "two"
+    assert prefilled(model) - before == 0  # only "2" is new, and it is decoded for its logits
+    started = [m for m in out if isinstance(m, wire.Started)]
+    assert started[1] == wire.Started("b", len(SYSTEM) + 2, 1)  # charged for what it prefilled
+    assert model.reused[-1] == (0, 0, len(SYSTEM) + 1)  # its own slot's KV, kept after "a" ended
+
+
+def test_a_prefix_a_running_sequence_holds_is_copied_into_a_free_slot() -> None:
+    model, batcher, out = setup({SYSTEM + "Q1": LONG, SYSTEM + "Q2": [b"two"]}, slots=2)
+    batcher.submit(assign("a", SYSTEM + "Q1", max_tokens=40))
+    for _ in range(8):
+        batcher.turn()
+    assert "a" in batcher._active and not batcher._active["a"].prefilling
+    batcher.submit(assign("b", SYSTEM + "Q2"))
+    until_idle(batcher)
+    assert text_of(out, "b") == "two" and text_of(out, "a") == " tick" * 40
+    assert model.reused[-1] == (1, 0, len(SYSTEM) + 1)  # slot 1 started from slot 0's KV
+    assert prefilled(model, slot=1) == 0
+
+
+def test_users_arriving_together_prefill_their_shared_prompt_once() -> None:
+    answers = {SYSTEM + f"Q{i}": [f"a{i}".encode()] for i in range(4)}
+    model, batcher, out = setup(answers, slots=4)
+    for i in range(4):
+        batcher.submit(assign(f"u{i}", SYSTEM + f"Q{i}"))
+    until_idle(batcher)
+    assert [text_of(out, f"u{i}") for i in range(4)] == ["a0", "a1", "a2", "a3"]
+    assert prefilled(model) == len(SYSTEM) + 1  # the shared part once; each user's last token has logits
+
+
+def test_a_preempted_sequence_resumes_from_the_kv_its_slot_kept() -> None:
+    model, batcher, out = setup({SYSTEM + "Q": LONG}, slots=1)
+    batcher.submit(assign("a", SYSTEM + "Q", max_tokens=40))
+    for _ in range(12):
+        batcher.turn()
+    batcher.submit(wire.Preempt("a"))
+    batcher.turn()
+    tokens = [m for m in out if isinstance(m, wire.Token)]
+    ids = [i for t in tokens for i in t.ids]
+    before = prefilled(model)
+    batcher.submit(wire.Assign(id="a", model="m", params={"temperature": 0.0, "max_tokens": 40}, prompt=SYSTEM + "Q",
+                               resume_text="".join(t.text for t in tokens), resume_tokens=len(ids), resume_ids=ids))
+    until_idle(batcher)
+    assert text_of(out, "a") == " tick" * 40
+    assert prefilled(model) - before == 0  # nothing prefilled again: only its last token, for logits

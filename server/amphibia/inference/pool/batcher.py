@@ -45,7 +45,8 @@ class BatchModel(Protocol):
 
     def prompt_tokens(self, prompt: str | None, messages: Seq[Mapping[str, str]] | None = None,
                       resume_text: str = "") -> tuple[list[int], int]: ...
-    def admit(self, slot: int, params: SamplingParams, remembered: Seq[int] = ()) -> None: ...
+    def admit(self, slot: int, params: SamplingParams, remembered: Seq[int] = (), source: int | None = None,
+              keep: int = 0) -> None: ...
     def step(self, feeds: Seq[Feed]) -> Seq[tuple[int, bytes, bool]]: ...
     def release(self, slot: int) -> None: ...
     def piece(self, token: int) -> bytes: ...
@@ -101,6 +102,12 @@ class Batcher:
     # The ids this batcher holds, republished (one reference swap, atomic under the GIL) after every
     # round of messages, for heartbeats read on the network thread.
     held: tuple[str, ...] = field(default=(), init=False)
+    # Per slot, the tokens its KV holds at positions 0, 1, ... (kept after its sequence ends): a new
+    # sequence starts from the longest prefix any slot holds instead of prefilling it again.
+    _kv: dict[int, list[int]] = field(default_factory=dict, init=False)
+    _freed: dict[int, int] = field(default_factory=dict, init=False)  # slot -> when it was freed (a counter)
+    _clock: int = field(default=0, init=False)
+    reused_tokens: int = field(default=0, init=False)  # prompt tokens not prefilled thanks to reuse (stats)
 
     @property
     def slots(self) -> int:
@@ -145,6 +152,7 @@ class Batcher:
                 self._tick()
             except Exception as exc:  # a broken decode fails its batch, not the worker
                 log.exception("decode failed")
+                self._kv.clear()  # what the KV holds is unknown now: reuse nothing
                 for seq in list(self._active.values()):
                     self._finish(seq, error=LLMError(f"decode failed: {exc}"))
         if self._embeds:
@@ -224,10 +232,14 @@ class Batcher:
     def _admit(self) -> None:
         taken = {seq.slot for seq in self._active.values()}
         free = [slot for slot in range(self.slots) if slot not in taken]
+        later: list[wire.Assign] = []  # waiting for a running sequence to prefill the prefix they share
         while self._waiting and free:
             assign = self._waiting.popleft()
             try:
-                seq = self._sequence(assign, free[0])
+                seq = self._sequence(assign, free)
+                if seq is None:
+                    later.append(assign)
+                    continue
             except AmphibiaError as exc:
                 self.emit(jobs.failed_message(assign.id, exc))
                 continue
@@ -235,11 +247,39 @@ class Batcher:
                 log.exception("admitting %s failed", assign.id)
                 self.emit(jobs.failed_message(assign.id, LLMError(str(exc))))
                 continue
-            free.pop(0)
+            free.remove(seq.slot)
             self._active[seq.id] = seq
-            self.emit(wire.Started(seq.id, seq.prompt_tokens, len(seq.tokens)))
+            # What it prefills, not what it reused: that is what the broker charges its app for.
+            self.emit(wire.Started(seq.id, seq.prompt_tokens, len(seq.tokens) - seq.prefilled))
+        self._waiting.extendleft(reversed(later))
 
-    def _sequence(self, assign: wire.Assign, slot: int) -> Sequence:
+    def _place(self, tokens: list[int], free: list[int]) -> tuple[int, int | None, int]:
+        """Where a sequence of `tokens` starts: (free slot, the slot whose KV it starts from, how many
+        leading positions it keeps). Its own cache if that is as good; else a copy of the longest
+        prefix any slot holds (a running one too), into the free slot whose cache is coldest. At
+        least the last token is always prefilled: its logits pick the first new token."""
+        def shared(slot: int) -> int:
+            return _common(self._kv.get(slot, ()), tokens)
+
+        own = {slot: shared(slot) for slot in free}
+        best_free = max(free, key=lambda slot: (own[slot], self._freed.get(slot, -1)))
+        source = max(self._kv, key=shared, default=None)
+        copied = shared(source) if source is not None else 0
+        if source is None or copied < own[best_free] + MIN_COPY:
+            return best_free, best_free, own[best_free]
+        coldest = min(free, key=lambda slot: (own[slot] > 0, self._freed.get(slot, -1)))
+        return coldest, source, copied
+
+    def _worth_waiting(self, tokens: list[int], free: list[int]) -> bool:
+        """Whether a running sequence is still prefilling a prefix that `tokens` share (MIN_COPY more
+        than any slot holds now): then starting after it and copying costs a copy, not a prefill.
+        Sixteen users of one system prompt arriving at once prefill it once, not sixteen times."""
+        held = max((_common(self._kv.get(slot, ()), tokens) for slot in (*free, *self._kv)), default=0)
+        return any(seq.prefilled < _common(seq.tokens, tokens) >= held + MIN_COPY
+                   for seq in self._active.values())
+
+    def _sequence(self, assign: wire.Assign, free: list[int]) -> Sequence | None:
+        """The sequence `assign` starts, in one of the `free` slots; None if it should start later."""
         params = SamplingParams.from_dict(assign.params).validate(self.model.n_ctx)
         text = TextAssembler(params.stop)
         if assign.resume_ids:  # resumed from its own tokens: the same KV, and the same text state
@@ -251,9 +291,14 @@ class Batcher:
                 text.feed(self.model.piece(token))
         else:
             tokens, n_prompt = self.model.prompt_tokens(assign.prompt, assign.messages, assign.resume_text)
-        self.model.admit(slot, params, tokens[n_prompt:])  # the repeat penalty remembers resumed text
+        if self._worth_waiting(tokens, free):
+            return None
+        slot, source, keep = self._place(tokens, free)
+        self.model.admit(slot, params, tokens[n_prompt:], source, keep)  # the repeat penalty remembers resumed text
+        self._kv[slot] = tokens[:keep]
+        self.reused_tokens += keep
         return Sequence(assign.id, slot, tokens, params, text, generated=assign.resume_tokens,
-                        prompt_tokens=n_prompt)
+                        prompt_tokens=n_prompt, prefilled=keep, pos=keep)
 
     def _tick(self) -> None:
         feeds: list[Feed] = []
@@ -283,6 +328,8 @@ class Batcher:
                 sampling.append(seq)
         if not feeds:
             return
+        for feed in feeds:  # in the slots' KV once decoded (a failed decode forgets them: `turn`)
+            self._kv[feed.slot].append(feed.token)
         picks = self.model.step(feeds)
         if len(picks) != len(sampling):
             raise LLMError(f"the model picked {len(picks)} tokens for {len(sampling)} sequences")
@@ -320,6 +367,8 @@ class Batcher:
     def _release(self, seq: Sequence) -> None:
         self._active.pop(seq.id, None)
         self.model.release(seq.slot)
+        self._clock += 1
+        self._freed[seq.slot] = self._clock
 
     def _drop_all(self) -> None:
         for seq in list(self._active.values()):
@@ -328,4 +377,16 @@ class Batcher:
         self._embeds.clear()
 
 
+def _common(held: Seq[int], tokens: Seq[int]) -> int:
+    """How many leading tokens of `tokens` `held` has at the same positions, short of the last token
+    (whose logits a new sequence needs, so it is always decoded again)."""
+    n = 0
+    for a, b in zip(held, tokens[:len(tokens) - 1]):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+MIN_COPY = 16  # a shared prefix this much longer than a slot's own is worth copying another slot's KV for
 _DROP_ALL = object()  # an inbox command of the worker's own, not a wire message

@@ -279,9 +279,10 @@ class Broker:
             return  # the last words about a cancelled job, or late news from a worker that lost it
         app = job.app
         if isinstance(msg, wire.Started):
-            # Charged for everything it prefills: its prompt, and any text it resumes after.
+            # Charged for the prefill its worker does: its prompt and any text it resumes after, less
+            # what the worker's KV already held (a shared system prompt, its own preempted KV).
             job.prompt_tokens = msg.prompt_tokens
-            self._charge(app, self.config.prompt_weight * max(msg.prefill_tokens, msg.prompt_tokens))
+            self._charge(app, self.config.prompt_weight * msg.prefill_tokens)
         elif isinstance(msg, wire.Token):
             now = time.monotonic()
             if job.generated == 0 or not job.text:
