@@ -115,7 +115,8 @@ def setup(answers: Mapping[str, Sequence[bytes]], **kw: int) -> tuple[ScriptedMo
     budget = kw.pop("prefill_budget", 32)
     model = ScriptedModel(answers, **kw)
     out: list[Any] = []
-    return model, Batcher(model, out.append, prefill_budget=budget), out
+    # A scripted model's ticks take microseconds at random: chunk sizes come from `prefill_budget`.
+    return model, Batcher(model, out.append, prefill_budget=budget, adaptive=False), out
 
 
 def until_idle(batcher: Batcher, turns: int = 1000) -> None:
@@ -451,3 +452,19 @@ def test_a_preempted_sequence_resumes_from_the_kv_its_slot_kept() -> None:
     until_idle(batcher)
     assert text_of(out, "a") == " tick" * 40
     assert prefilled(model) - before == 0  # nothing prefilled again: only its last token, for logits
+
+
+def test_prompt_chunks_shrink_to_what_fits_in_part_of_a_decode_tick() -> None:
+    """On a real model the allowance comes from measured costs: a tick may spend on prefill about
+    PREFILL_SHARE of what its decodes take, so running sequences keep at least half their speed."""
+    from amphibia.inference.pool.batcher import MIN_PREFILL, PREFILL_SHARE
+
+    batcher = Batcher(ScriptedModel({}), lambda m: None, prefill_budget=64)
+    assert batcher._prefill_allowance() == 64  # nothing measured yet
+    batcher._learn(0.040, decodes=8, prefill=0)  # 8 decodes: 40 ms
+    batcher._learn(0.040 + 32 * 0.004, decodes=8, prefill=32)  # 4 ms per prompt token on top
+    assert batcher._prefill_allowance() == int(PREFILL_SHARE * 0.040 / 0.004)  # 8 tokens
+    batcher._learn(0.001, decodes=1, prefill=0)
+    for _ in range(30):
+        batcher._learn(0.001, decodes=1, prefill=0)  # decodes got cheap: the allowance follows
+    assert batcher._prefill_allowance() == MIN_PREFILL

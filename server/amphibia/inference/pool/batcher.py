@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple, Protocol
@@ -90,9 +91,12 @@ class Embedding:
 class Batcher:
     model: BatchModel
     emit: Emit
-    # Prompt tokens per tick while other sequences are generating: each costs every running sequence
-    # ~3 ms of its tick on 2 CPU cores, so long prefills (and resumed sequences) go in small chunks.
+    # Prompt tokens per tick, at most, while other sequences are generating (each costs every running
+    # sequence ~3.5 ms of its tick on 2 CPU cores). Within it, the measured costs decide: a tick may
+    # spend on prefill about as long as its decodes take (`PREFILL_SHARE`), so a long prompt being
+    # admitted slows the running sequences' tokens to about half their speed, not to a crawl.
     prefill_budget: int = 32
+    adaptive: bool = True  # size prompt chunks from measured tick costs (off: always `prefill_budget`)
     # Wire messages, _DROP_ALL or None for the loop; given by an owner that queues work before the
     # model is loaded (the in-process engine).
     inbox: queue.Queue[Any] = field(default_factory=queue.Queue)
@@ -108,6 +112,9 @@ class Batcher:
     _freed: dict[int, int] = field(default_factory=dict, init=False)  # slot -> when it was freed (a counter)
     _clock: int = field(default=0, init=False)
     reused_tokens: int = field(default=0, init=False)  # prompt tokens not prefilled thanks to reuse (stats)
+    # Moving averages of what ticks cost here: seconds per decode-only tick, per prefilled token.
+    _decode_s: float = field(default=0.0, init=False)
+    _prefill_s_per_token: float = field(default=0.0, init=False)
 
     @property
     def slots(self) -> int:
@@ -311,9 +318,10 @@ class Batcher:
                 seq.pending = None
         budget = self.model.n_batch - len(feeds)
         if feeds:
-            budget = min(budget, self.prefill_budget)
+            budget = min(budget, self._prefill_allowance())
         # Shortest remaining prefill first: a new short request gets its first token within a tick or
         # two even while a long resumed sequence is being re-prefilled.
+        decoding = len(feeds)
         for seq in sorted(self._active.values(), key=lambda q: len(q.tokens) - q.prefilled):
             if not seq.prefilling or budget <= 0:
                 continue
@@ -328,13 +336,32 @@ class Batcher:
                 sampling.append(seq)
         if not feeds:
             return
+        prefill = len(feeds) - decoding
         for feed in feeds:  # in the slots' KV once decoded (a failed decode forgets them: `turn`)
             self._kv[feed.slot].append(feed.token)
+        started = time.perf_counter()
         picks = self.model.step(feeds)
+        self._learn(time.perf_counter() - started, decodes=len(feeds) - prefill, prefill=prefill)
         if len(picks) != len(sampling):
             raise LLMError(f"the model picked {len(picks)} tokens for {len(sampling)} sequences")
         for seq, (token, piece, end) in zip(sampling, picks):
             self._sample(seq, token, piece, end)
+
+    def _prefill_allowance(self) -> int:
+        """Prompt tokens this tick may carry besides its decodes: what fits in PREFILL_SHARE of a
+        decode tick at the measured cost per token, within `prefill_budget`, at least MIN_PREFILL."""
+        if not self.adaptive or self._decode_s <= 0 or self._prefill_s_per_token <= 0:
+            return self.prefill_budget
+        fits = int(PREFILL_SHARE * self._decode_s / self._prefill_s_per_token)
+        return max(MIN_PREFILL, min(self.prefill_budget, fits))
+
+    def _learn(self, seconds: float, decodes: int, prefill: int) -> None:
+        if prefill == 0:
+            self._decode_s = seconds if self._decode_s <= 0 else 0.8 * self._decode_s + 0.2 * seconds
+        elif decodes == 0 or self._decode_s > 0:
+            per_token = max(0.0, seconds - (self._decode_s if decodes else 0.0)) / prefill
+            self._prefill_s_per_token = (per_token if self._prefill_s_per_token <= 0
+                                         else 0.8 * self._prefill_s_per_token + 0.2 * per_token)
 
     def _sample(self, seq: Sequence, token: int, piece: bytes, end: bool) -> None:
         if end:
@@ -388,5 +415,7 @@ def _common(held: Seq[int], tokens: Seq[int]) -> int:
     return n
 
 
+PREFILL_SHARE = 0.8  # of a decode tick's time that prompt chunks may add to it
+MIN_PREFILL = 4  # prompt tokens per tick at least, so a prompt always gets in
 MIN_COPY = 16  # a shared prefix this much longer than a slot's own is worth copying another slot's KV for
 _DROP_ALL = object()  # an inbox command of the worker's own, not a wire message

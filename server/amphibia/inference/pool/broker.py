@@ -282,11 +282,17 @@ class Broker:
             # Charged for the prefill its worker does: its prompt and any text it resumes after, less
             # what the worker's KV already held (a shared system prompt, its own preempted KV).
             job.prompt_tokens = msg.prompt_tokens
+            job.admitted_at = time.monotonic()
             self._charge(app, self.config.prompt_weight * msg.prefill_tokens)
         elif isinstance(msg, wire.Token):
             now = time.monotonic()
             if job.generated == 0 or not job.text:
                 self.metrics.ttft.labels(app.name).observe(now - job.enqueued)
+                if job.preemptions == 0 and job.crashes == 0 and job.admitted_at:  # one slice: its hops add up
+                    hops = self.metrics.first_token_hops
+                    hops.labels("queue").observe(job.assigned_at - job.enqueued)
+                    hops.labels("admission").observe(job.admitted_at - job.assigned_at)
+                    hops.labels("prefill").observe(now - job.admitted_at)
             elif job.last_token:
                 self.metrics.inter_token.labels(app.name).observe(now - job.last_token)
             job.last_token = now

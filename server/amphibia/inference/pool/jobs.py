@@ -90,6 +90,7 @@ class GenerationJob:
     last_token: float = 0.0
     preemptions: int = 0
     assigned_at: float = 0.0
+    admitted_at: float = 0.0  # when its worker said Started (this slice)
     missed: int = 0  # consecutive heartbeats of its worker that did not list it
     crashes: int = 0  # workers that went away while holding it
     deadline: float = 0.0  # monotonic; the app's llm_timeout_s after submission

@@ -19,6 +19,12 @@ class PoolMetrics:
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("amphibia_queue_wait_seconds", "Time from submit to first slot", ["app"],
                                     buckets=LATENCY_BUCKETS, registry=r)
+        # Where a request's time to first token goes, as the gateway sees it: waiting for a slot, the
+        # assign frame's trip and the worker's admission (its Started back), then prefill and first
+        # decode (its first Token back). `amphibia bench pool` reads these for its timeline.
+        self.first_token_hops = Histogram("amphibia_first_token_hop_seconds", "Time to first token, by hop", ["hop"],
+                                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+                                          registry=r)
         self.tokens = Counter("amphibia_generated_tokens", "Generated tokens", ["app"], registry=r)
         self.preemptions = Counter("amphibia_preemptions", "Sequences preempted by time slicing", ["app"], registry=r)
         self.rejections = Counter("amphibia_rejections", "Requests refused", ["app", "reason"], registry=r)
