@@ -113,7 +113,8 @@ def test_bench_cold_start_prints_json_last(tmp_path: Path) -> None:
 
 
 def test_bench_pool_quick_prints_the_promised_keys() -> None:
-    """Runs both servers for real (Amphibia and llama_cpp.server), shortened."""
+    """Runs the servers for real (Amphibia and llama_cpp.server; llama-server too where `make
+    llama-server` built it), shortened."""
     out = run("bench", "pool", "--quick", "--json")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -121,6 +122,10 @@ def test_bench_pool_quick_prints_the_promised_keys() -> None:
     assert result["throughput"]["peer_tok_s"] > 0
     assert result["noisy_neighbour"]["amphibia_ratio"] > 0 and result["noisy_neighbour"]["peer_ratio"] > 0
     assert 0 < result["fairness"]["jain"] <= 1 and isinstance(result["overhead_pct"], (int, float))
+    assert result["ttft_solo"]["amphibia_ms"] > 0 and result["noisy_neighbour"]["step_ms"] > 0
+    hops = result["ttft_solo"]["timeline_ms"]
+    assert {"queue", "admission", "prefill", "http_and_sse"} <= hops.keys() and hops["prefill"] > 0
+    assert result["texts_identical"]["llama_cpp.server"] is True  # pinned greedy: the same text
 
 
 def test_bench_chaos_quick_accounts_for_every_request() -> None:

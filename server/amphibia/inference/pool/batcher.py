@@ -322,10 +322,17 @@ class Batcher:
         # Shortest remaining prefill first: a new short request gets its first token within a tick or
         # two even while a long resumed sequence is being re-prefilled.
         decoding = len(feeds)
+        first = True
         for seq in sorted(self._active.values(), key=lambda q: len(q.tokens) - q.prefilled):
             if not seq.prefilling or budget <= 0:
                 continue
-            chunk = seq.tokens[seq.prefilled: seq.prefilled + budget]
+            take = budget
+            if first and len(seq.tokens) - seq.prefilled <= self.prefill_budget:
+                # A short prompt goes whole: its first token (what its user waits for) comes a tick
+                # sooner, for at most `prefill_budget` tokens of one tick.
+                take = min(max(budget, len(seq.tokens) - seq.prefilled), self.model.n_batch - len(feeds))
+            first = False
+            chunk = seq.tokens[seq.prefilled: seq.prefilled + take]
             seq.prefilled += len(chunk)
             budget -= len(chunk)
             for token in chunk:

@@ -103,6 +103,8 @@ class Broker:
         self.queues[app].append(job)
         self.metrics.queue_depth.labels(app).set(len(self.queues[app]))
         self._dispatch()
+        if not job.started:  # no free slot: a less-served newcomer need not wait for the next token
+            self._maybe_preempt(job.model)
 
     def cancel(self, job_id: str, error: AmphibiaError | None = None) -> None:
         """Stop a request wherever it is and free its slot. Its sink hears `error`, or else (a client
