@@ -468,3 +468,14 @@ def test_prompt_chunks_shrink_to_what_fits_in_part_of_a_decode_tick() -> None:
     for _ in range(30):
         batcher._learn(0.001, decodes=1, prefill=0)  # decodes got cheap: the allowance follows
     assert batcher._prefill_allowance() == MIN_PREFILL
+
+
+def test_prompts_arriving_together_prefill_in_equal_chunks_that_share_a_decode() -> None:
+    model, batcher, out = setup({"x" * 5: [b"X"], "y" * 9: [b"Y"], "z" * 7: [b"Z"]}, slots=3)
+    for prompt in ("x" * 5, "y" * 9, "z" * 7):
+        batcher.submit(assign(prompt[0], prompt))
+    until_idle(batcher)
+    first = model.steps[0]
+    counts = {slot: sum(1 for f in first if f.slot == slot) for slot in {f.slot for f in first}}
+    assert set(counts.values()) == {5}  # the shortest whole, the others as far: one decode of 3 x 5
+    assert [text_of(out, k) for k in "xyz"] == ["X", "Y", "Z"]

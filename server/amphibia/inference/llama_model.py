@@ -206,15 +206,17 @@ class LlamaModel:
         Returns, for each feed that wanted logits and in their order, the token its slot's sampler
         picks next: (token, its bytes, whether it ends the generation).
 
-        The feeds go to llama.cpp in groups: one decode for every sequence that takes a single token,
-        one more per sequence that takes several (a prompt chunk). With a KV stream per sequence,
+        The feeds go to llama.cpp in groups, one decode per number of tokens a sequence takes (all
+        single-token decodes together, equal prompt chunks together). With a KV stream per sequence,
         llama.cpp splits a mixed batch into micro-batches that take the same number of tokens from
         each sequence, so 8 decodes plus a 32-token chunk ran as 32 graph evaluations."""
         per_slot: dict[int, list[int]] = {}
         for i, feed in enumerate(feeds):
             per_slot.setdefault(feed[0], []).append(i)
-        singles = sorted(i for idx in per_slot.values() if len(idx) == 1 for i in idx)
-        groups = ([singles] if singles else []) + [idx for idx in per_slot.values() if len(idx) > 1]
+        by_count: dict[int, list[int]] = {}  # sequences taking the same number of tokens decode together
+        for idx in per_slot.values():
+            by_count.setdefault(len(idx), []).extend(idx)
+        groups = [sorted(idx) for _, idx in sorted(by_count.items())]
         picked: dict[int, tuple[int, bytes, bool]] = {}
         for group in groups:
             self._decode(self.ctx, [feeds[i] for i in group])

@@ -323,11 +323,16 @@ class Batcher:
         # two even while a long resumed sequence is being re-prefilled.
         decoding = len(feeds)
         first = True
-        for seq in sorted(self._active.values(), key=lambda q: len(q.tokens) - q.prefilled):
-            if not seq.prefilling or budget <= 0:
+        prefilling = [q for q in self._active.values() if q.prefilling]
+        # Several prompts and nothing generating yet (a burst of arrivals): equal chunks, so that they
+        # share one decode (see `step`). With sequences generating, the shortest prompt goes first.
+        share = min(min(len(q.tokens) - q.prefilled for q in prefilling), budget // len(prefilling)) \
+            if len(prefilling) > 1 and decoding == 0 else 0
+        for seq in sorted(prefilling, key=lambda q: len(q.tokens) - q.prefilled):
+            if budget <= 0:
                 continue
-            take = budget
-            if first and len(seq.tokens) - seq.prefilled <= self.prefill_budget:
+            take = share or budget
+            if first and not share and len(seq.tokens) - seq.prefilled <= self.prefill_budget:
                 # A short prompt goes whole: its first token (what its user waits for) comes a tick
                 # sooner, for at most `prefill_budget` tokens of one tick.
                 take = min(max(budget, len(seq.tokens) - seq.prefilled), self.model.n_batch - len(feeds))
