@@ -55,6 +55,10 @@ class ModelSpec:
     # Pages may download the GGUF (at /models/NAME.gguf) to run it on the visitor's device. Off unless
     # set (the built-in default model is public): weights of your own never leave the server by accident.
     browser: bool = False
+    # Flash attention; unset: llama.cpp's choice (on where it helps). On CPUs, false makes small prompt
+    # chunks at long context about 3x cheaper (measured; BENCHMARKS.md). Pages running the model
+    # locally use llama.cpp's choice, so set it only where their greedy answers need not match.
+    flash_attn: bool | None = None
 
     def gguf_path(self) -> Path:
         if self.path is not None:

@@ -98,7 +98,7 @@ def start_amphibia(workdir: Path) -> Server:
     (workdir / "amphibia.toml").write_text(
         f"[pool]\ntoken = \"bench\"\nlocal_slots = {SLOTS}\nmax_queue = 1024\n"
         f"[limits]\nmax_concurrent = 128\nmax_queue_wait_s = 600\n"
-        f"[models.smollm2]\nn_ctx = {N_CTX}\nthreads = {THREADS}\n[api_keys]\n{keys}\n")
+        f"[models.smollm2]\nn_ctx = {N_CTX}\nthreads = {THREADS}\nflash_attn = false\n[api_keys]\n{keys}\n")
     log = workdir / "amphibia.log"
     proc = subprocess.Popen([sys.executable, "-m", "amphibia.cli", "up", str(workdir / "amphibia.toml"), "--port",
                              str(port), "--log-level", "warning"], stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -116,7 +116,8 @@ def start_llama_server(workdir: Path) -> Server:
     port = free_port()
     log = workdir / "llama-server.log"
     # The same kernels as our workers: --no-repack (llama_model.USE_EXTRA_BUFFERS; AMX repacking
-    # crashes on this machine's CPUs) and no flash attention (see llama_model's context settings).
+    # crashes on this machine's CPUs) and no flash attention (`flash_attn = false` on our side: on
+    # CPUs small prompt chunks cost a third without it; see llama_model's context settings).
     proc = subprocess.Popen([str(LLAMA_SERVER), "-m", str(default_models()["smollm2"].gguf_path()), "--host", "127.0.0.1",
                              "--port", str(port), "-c", str(N_CTX * SLOTS), "--parallel", str(SLOTS), "-t", str(THREADS),
                              "-tb", str(THREADS), "--cont-batching", "--no-webui", "--no-repack", "--flash-attn", "off"],
@@ -355,7 +356,8 @@ def in_process(server: Server, reps: int, max_tokens: int = 64) -> dict:
 
     # The same context shape as the pool's worker and the same batching loop on this (main) thread,
     # as a worker runs it, so the difference is the gateway, the broker, the WebSocket hops and HTTP.
-    model = LlamaModel(default_models()["smollm2"].gguf_path(), n_ctx=N_CTX, slots=SLOTS, threads=THREADS)
+    model = LlamaModel(default_models()["smollm2"].gguf_path(), n_ctx=N_CTX, slots=SLOTS, threads=THREADS,
+                       flash_attn=False)
     ended: list[wire.Message] = []
     batcher = Batcher(model, lambda m: ended.append(m) if isinstance(m, (wire.Done, wire.Failed)) else None)
     params = {"max_tokens": max_tokens, **PINNED}

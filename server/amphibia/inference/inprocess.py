@@ -41,7 +41,7 @@ class ModelRunner:
 
         spec = self.spec
         try:
-            model = LlamaModel(spec.gguf_path(), spec.n_ctx, spec.gpu_layers, spec.threads, self.slots)
+            model = LlamaModel(spec.gguf_path(), spec.n_ctx, spec.gpu_layers, spec.threads, self.slots, spec.flash_attn)
         except Exception as exc:  # reported to every request instead of killing the thread silently
             log.error("model %s failed to load: %s", spec.name, exc)
             self._stop(f"failed to load: {exc}")

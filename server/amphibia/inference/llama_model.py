@@ -80,7 +80,8 @@ class _LoadProgress:
 
 
 class LlamaModel:
-    def __init__(self, path: Path, n_ctx: int = 2048, gpu_layers: int = 0, threads: int = 2, slots: int = 1) -> None:
+    def __init__(self, path: Path, n_ctx: int = 2048, gpu_layers: int = 0, threads: int = 2, slots: int = 1,
+                 flash_attn: bool | None = None) -> None:
         """`n_ctx` is per sequence; `slots` sequences share one context, each in its own KV stream."""
         _init_backend()
         mparams = L.llama_model_default_params()
@@ -95,6 +96,7 @@ class LlamaModel:
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_ctx = n_ctx
         self.gpu_layers = gpu_layers
+        self.flash_attn = flash_attn
         self.threads = threads
         self.slots = slots
         self.ctx = self._context(embeddings=False)
@@ -119,12 +121,13 @@ class LlamaModel:
         cparams.kv_unified = False
         cparams.n_threads = self.threads
         cparams.n_threads_batch = self.threads
-        # On CPUs, flash attention (llama.cpp's `auto` turns it on) makes small prompt chunks cost more
-        # the longer the context: a 32-token chunk at position 1,000 took 412 ms with it, 125 ms
-        # without; 16 sequences decoding at position 200 took 93 ms with it, 74 ms without (measured
-        # here, SmolLM2-135M, 2 threads). GPUs keep llama.cpp's choice.
-        if self.gpu_layers == 0:
-            cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # Flash attention: llama.cpp's choice unless the model says. On CPUs it makes small prompt
+        # chunks cost more the longer the context: a 32-token chunk at position 1,000 took 412 ms with
+        # it, 125 ms without; 16 sequences decoding at position 200 took 93 ms with it, 74 ms without
+        # (measured here, SmolLM2-135M, 2 threads). Its numbers differ, so greedy texts differ too.
+        if self.flash_attn is not None:
+            cparams.flash_attn_type = (L.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn
+                                       else L.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         if embeddings:
             cparams.embeddings = True
             cparams.pooling_type = L.LLAMA_POOLING_TYPE_MEAN

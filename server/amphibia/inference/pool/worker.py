@@ -49,7 +49,7 @@ def device_name(gpu_layers: int) -> str:
 def run(opts: WorkerOptions) -> None:
     """Serve until interrupted: the batcher on this (main) thread, the network on another."""
     spec = opts.model
-    model = LlamaModel(spec.gguf_path(), spec.n_ctx, spec.gpu_layers, spec.threads, opts.slots)
+    model = LlamaModel(spec.gguf_path(), spec.n_ctx, spec.gpu_layers, spec.threads, opts.slots, spec.flash_attn)
     loop = asyncio.new_event_loop()
     outbox: asyncio.Queue[wire.Message] = asyncio.Queue()
     batcher = Batcher(model, lambda m: loop.call_soon_threadsafe(outbox.put_nowait, m))
