@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,5 +161,6 @@ def test_build_many_apps_shows_a_summary_and_a_failure_stops_no_other(tmp_path: 
                       f'[apps.tokens]\npath = "{EXAMPLES / "tokens"}"\n[apps.broken]\npath = "{broken}"\n')
     out = run("build", str(config))
     assert out.returncode == 1, out.stderr
-    assert "2 app(s): 0 built, 1 up to date, 1 failed" in out.stderr  # tokens: its own build is current
-    assert "SyntaxError" in out.stderr and "tokens/.amphibia/app.wasm up to date" in out.stdout
+    # tokens is up to date where another test built it already, else built into the store now
+    assert re.search(r"2 app\(s\): (0 built, 1 up to date|1 built, 0 up to date), 1 failed", out.stderr), out.stderr
+    assert "SyntaxError" in out.stderr and out.stdout.count("app.wasm") == 1, out.stdout
