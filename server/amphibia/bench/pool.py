@@ -415,7 +415,7 @@ def run(quick: bool, say, warn) -> dict:
             main_pair = server.name in ("amphibia", "llama-server")
             try:
                 say(f"{server.name}: one request alone")
-                results.setdefault("solo", {})[server.name] = asyncio.run(ttft_solo(server, reps))
+                results.setdefault("solo", {})[server.name] = asyncio.run(ttft_solo(server, 3 * reps))
                 say(f"{server.name}: throughput ({SLOTS} clients x {tokens} tokens)")
                 results.setdefault("throughput", {})[server.name] = asyncio.run(throughput(server, SLOTS, tokens))
                 say(f"{server.name}: noisy neighbour ({noisy_s} s)")
