@@ -131,32 +131,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = {"cold-start": "cold_start", "pool": "pool", "browser": "browser", "chaos": "chaos",
+              "inflight": "inflight", "density": "density"}  # `amphibia bench NAME` -> amphibia.bench.MODULE
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.which == "cold-start":
-        from .bench.cold_start import main as bench_main
+    import importlib
 
-        return bench_main(args)
-    if args.which == "pool":
-        from .bench.pool import main as pool_main
-
-        return pool_main(args)
-    if args.which == "browser":
-        from .bench.browser import main as browser_main
-
-        return browser_main(args)
-    if args.which == "chaos":
-        from .bench.chaos import main as chaos_main
-
-        return chaos_main(args)
-    if args.which == "density":
-        from .bench.density import main as density_main
-
-        return density_main(args)
-    if args.which == "inflight":
-        from .bench.inflight import main as inflight_main
-
-        return inflight_main(args)
-    raise AmphibiaError(f"unknown benchmark {args.which!r}")
+    return importlib.import_module(f".bench.{BENCHMARKS[args.which]}", __package__).main(args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -207,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_models)
 
     s = sub.add_parser("bench", help="run a benchmark; the last line printed is JSON")
-    s.add_argument("which", choices=["cold-start", "pool", "browser", "chaos", "inflight", "density"])
+    s.add_argument("which", choices=list(BENCHMARKS))
     s.add_argument("--quick", action="store_true", help="pool, browser, chaos, density: a reduced run (a minute or two)")
     s.add_argument("--json", action="store_true", help="print only the JSON result line")
     s.add_argument("--app", default=None, help="app folder (default: examples/chat)")

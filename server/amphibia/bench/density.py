@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 
 from ..loopback import free_port
+from ..store import entries
 from .chaos import pct, rss_mb
 
 TEMPLATE = '''"""A generated app for `amphibia bench density`."""
@@ -138,8 +139,8 @@ def distinct_builds(store: Path) -> int:
 
 
 def disk_mb(store: Path) -> float:
-    total = sum(p.stat().st_size for p in store.rglob("*") if p.is_file() and not p.is_symlink())
-    return total / 2**20
+    """What the store's disk budget counts: builds and compiled components."""
+    return sum(e.bytes for e in entries(store / "builds", store / "cache")) / 2**20
 
 
 def distinct_apps(work: Path, count: int) -> dict:

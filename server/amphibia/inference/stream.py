@@ -6,6 +6,7 @@ InferenceTimeout and the engine's slot is freed.
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import concurrent.futures
 import queue
@@ -24,7 +25,7 @@ class _End:
     finish_reason: str
 
 
-class _Stream:
+class _Stream(abc.ABC):
     """What both views share: the cancel hook, the deadline, and turning items into pieces."""
 
     def __init__(self, timeout_s: float) -> None:
@@ -65,8 +66,8 @@ class _Stream:
         return item
 
     # sink side (any thread): each view only says how an item reaches its reader (`_put`)
-    def _put(self, item: Any) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _put(self, item: Any) -> None: ...
 
     def token(self, text: str) -> None:
         if text:

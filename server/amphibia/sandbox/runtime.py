@@ -167,10 +167,8 @@ class ComponentCache:
         path = self.artifact(sha256)
         if self.loaded(sha256) is not None or path.is_file():
             return
-        started = time.perf_counter()
-        component = Component.from_file(self.wasmtime, str(wasm))
-        log.info("compiled %s in %.1f s", wasm, time.perf_counter() - started)
-        if not self._store(component, path):  # no disk cache: keep it, or every load would compile
+        component, stored = self._compile(wasm, path)
+        if not stored:  # no disk cache: keep it, or every load would compile
             self._keep(sha256, component)
 
     def load(self, wasm: Path, sha256: str | None = None) -> Component:
@@ -187,11 +185,15 @@ class ComponentCache:
             except wasmtime.WasmtimeError as exc:  # stale or damaged: compile again
                 log.warning("discarding cached component %s: %s", path.name, exc)
         if component is None:
-            started = time.perf_counter()
-            component = Component.from_file(self.wasmtime, str(wasm))
-            log.info("compiled %s in %.1f s", wasm, time.perf_counter() - started)
-            self._store(component, path)
+            component, _ = self._compile(wasm, path)
         return self._keep(sha256, component)
+
+    def _compile(self, wasm: Path, path: Path) -> tuple[Component, bool]:
+        """Compile `wasm` and write it to `path`; the component, and whether it could be written."""
+        started = time.perf_counter()
+        component = Component.from_file(self.wasmtime, str(wasm))
+        log.info("compiled %s in %.1f s", wasm, time.perf_counter() - started)
+        return component, self._store(component, path)
 
     def _keep(self, sha256: str, component: Component) -> Component:
         with self._lock:
