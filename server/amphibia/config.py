@@ -124,6 +124,8 @@ class ServerConfig:
     # Compiled components kept in memory (a few MB each; apps with one build share one). Beyond it the
     # least recently used is unloaded and maps again from disk on its next request (milliseconds).
     max_loaded_apps: int = 100
+    # Apps whose next request finds its fresh instance made ahead, while the server was idle (0: off).
+    spare_instances: int = 32
     # Disk for builds and compiled components together; beyond it the coldest that no served app
     # uses are deleted (0: no budget).
     store_max_mb: int = 10240
@@ -332,7 +334,8 @@ def _from_toml(path: Path) -> Config:
     server = _take(ServerConfig, server_table, f"{path}: [server]")
     # Folders are relative to the file that names them (or to it by default).
     server = replace(server, cache_dir=root / server.cache_dir, build_dir=root / server.build_dir)
-    for key in ("guest_threads", "guest_memory_mb", "queue_limit", "max_loaded_apps", "store_max_mb"):
+    for key in ("guest_threads", "guest_memory_mb", "queue_limit", "max_loaded_apps", "store_max_mb",
+                "spare_instances"):
         if getattr(server, key) < 0:
             raise ConfigError(f"{path}: [server] {key} must be 0 or more, not {getattr(server, key)}")
 

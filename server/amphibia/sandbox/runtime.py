@@ -32,9 +32,9 @@ from ..errors import AmphibiaError, Busy, ClientGone, GuestError, GuestOutOfMemo
 from . import wit_values
 from .capability import HostCapability
 from .context import RequestContext, RequestEnd, current
+from .instances import SPARE_DEADLINE_TICKS, GuestOutput, Sandbox, Spares, instantiate, new_store
 
 log = logging.getLogger("amphibia.runtime")
-guest_log = logging.getLogger("amphibia.guest")
 
 TICK_S = 0.01  # epoch length: the CPU deadline's resolution
 WORLD_TYPES = ("amphibia:ai/http@0.1.0",)  # type-only interfaces of the world: empty instances
@@ -92,40 +92,6 @@ class CpuBudget:
         finally:
             self._since = self.clock.ticks
             self.store.set_epoch_deadline(max(1, self.left))
-
-
-class GuestOutput:
-    """Guest stdout/stderr, logged line by line with the app name and request id.
-
-    A line longer than MAX_LINE is logged in pieces of that size, so a guest that writes without
-    newlines costs bounded memory and linear time."""
-
-    MAX_LINE = 8192
-
-    def __init__(self, app: str, request_id: str, stream: str) -> None:
-        self.prefix = f"app={app} request={request_id} {stream}:"
-        self._partial = bytearray()
-        self.tail = b""  # the last few KB, to recognise what a trap was about
-
-    def write(self, data: bytes) -> None:
-        self.tail = (self.tail + data[-4096:])[-4096:]
-        *lines, rest = bytes(data).split(b"\n")
-        for line in lines:
-            self._partial += line
-            self._log(bytes(self._partial))
-            self._partial.clear()
-        self._partial += rest
-        while len(self._partial) >= self.MAX_LINE:
-            self._log(bytes(self._partial[:self.MAX_LINE]))
-            del self._partial[:self.MAX_LINE]
-
-    def _log(self, line: bytes) -> None:
-        guest_log.info("%s %s", self.prefix, line.decode(errors="replace"))
-
-    def flush(self) -> None:
-        if self._partial:
-            self._log(bytes(self._partial))
-            self._partial.clear()
 
 
 class ComponentCache:
@@ -261,7 +227,7 @@ async def _client_left(disconnected: Callable[[], Awaitable[bool]]) -> None:
 
 class Runtime:
     def __init__(self, capabilities: Sequence[HostCapability], cache_dir: Path, guest_threads: int = 8,
-                 queue_limit: int = 64, max_loaded: int = 0) -> None:
+                 queue_limit: int = 64, max_loaded: int = 0, spare_apps: int = 32) -> None:
         wit_values.install()
         config = wasmtime.Config()
         config.epoch_interruption = True
@@ -281,6 +247,12 @@ class Runtime:
         self.threads = guest_threads
         self.capacity = guest_threads + queue_limit
         self.in_flight = 0  # only touched on the event loop thread (handle_async)
+        self.spares = Spares(self._spare, spare_apps)
+
+    def _spare(self, app: AppSpec, component: Component) -> Sandbox:
+        box = new_store(self.wasmtime, app, component)
+        box.store.set_epoch_deadline(SPARE_DEADLINE_TICKS)  # start-up code is bounded here too
+        return instantiate(self.linker, box)
 
     def load(self, wasm: Path, sha256: str | None = None) -> Component:
         return self.cache.load(wasm, sha256)
@@ -289,21 +261,15 @@ class Runtime:
                end: RequestEnd | None = None) -> HttpResponse:
         """Serve one request in a fresh instance. Blocking: call from a guest thread. `end` lets another
         thread end the request's host work (see `handle_async`)."""
-        store = wasmtime.Store(self.wasmtime)
-        out, err = GuestOutput(app.name, request_id, "stdout"), GuestOutput(app.name, request_id, "stderr")
-        wasi = wasmtime.WasiConfig()  # no env, no args; sockets stay denied (wasmtime-py has no grant)
-        for folder in app.files:  # read-only, and only what the app's manifest names
-            wasi.preopen_dir(str(app.path / folder), "/" + folder.strip("/"), fs_mutable=False)
-        wasi.stdout_custom = out.write
-        wasi.stderr_custom = err.write
-        store.set_wasi(wasi)
-        store.set_limits(memory_size=app.limits.memory_mb << 20)
+        box = self.spares.take(app, component) or new_store(self.wasmtime, app, component)
+        store, out, err = box.store, box.out, box.err
+        out.for_request(request_id)
+        err.for_request(request_id)
         budget = CpuBudget(store, self.clock, app.limits.timeout_s)
         ctx = RequestContext(app=app, request_id=request_id, host_wait=budget.host_wait, end=end or RequestEnd())
         token = current.set(ctx)
         try:
-            instance = self.linker.instantiate(store, component)
-            handle = instance.get_func(store, "handle")
+            handle = (box if box.instance is not None else instantiate(self.linker, box)).handle
             if handle is None:
                 raise GuestError(f"app {app.name!r} exports no `handle` function")
             result = handle(store, _to_wit(request))
@@ -323,7 +289,7 @@ class Runtime:
             current.reset(token)
             out.flush()
             err.flush()
-            store.close()
+            self.spares.done(box)
 
     async def handle_async(self, app: AppSpec, component: Component, request: HttpRequest, request_id: str,
                            disconnected: Callable[[], Awaitable[bool]] | None = None) -> HttpResponse:
@@ -366,6 +332,7 @@ class Runtime:
 
     def close(self) -> None:
         self.guest_threads.shutdown(wait=False, cancel_futures=True)
+        self.spares.stop()
         self.clock.close()
 
 

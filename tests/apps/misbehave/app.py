@@ -140,3 +140,14 @@ def long_llm(req: Request) -> Response:
     except LLMError as exc:
         return Response.json({"error": type(exc).__name__, "message": str(exc)}, status=504)
     return Response.json({"tokens": out.usage.generated_tokens})
+
+
+_served = 0
+
+
+@app.get("/count")
+def count(req: Request) -> Response:
+    """How many requests this instance served: always 1, since every request gets a fresh instance."""
+    global _served
+    _served += 1
+    return Response.json({"served": _served})

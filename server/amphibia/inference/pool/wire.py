@@ -7,7 +7,7 @@ bad peer is told why and never reaches the broker's state.
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
 PROTOCOL_VERSION = 2  # checked at hello: a worker of another version is refused with a clear reason
@@ -34,7 +34,19 @@ class Message:
     type: ClassVar[str]
 
     def encode(self) -> str:
-        return json.dumps({"type": self.type, **asdict(self)})
+        return json.dumps({"type": self.type, **_plain(self)})
+
+
+def _plain(value: Any) -> Any:
+    """`dataclasses.asdict` without its deep copies: messages are encoded on every token, and the
+    copies were most of the cost (json.dumps copies nothing it is given)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 # --- worker -> gateway ------------------------------------------------------------------------
