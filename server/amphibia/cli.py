@@ -81,6 +81,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port or config.server.port
     config = replace(config, server=replace(config.server, host=host, port=port))  # the trusted hosts need it
+    if args.ray is not None:  # --ray [ADDRESS]: workers are Ray actors (and no local worker process)
+        ray = replace(config.pool.ray, enabled=True, address=args.ray or config.pool.ray.address)
+        config = replace(config, pool=replace(config.pool, ray=ray))
     print(f"Amphibia: {len(config.apps)} app(s) on http://{host}:{port}/ ({', '.join(config.apps) or 'none'})",
           flush=True)
     app = create_app(config, local_worker_port=None if args.no_local_worker else port, config_target=args.target,
@@ -168,6 +171,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-local-worker", action="store_true", help="a pure gateway: only remote workers serve")
     s.add_argument("--watch", action="store_true",
                    help="rebuild an app when its files change and swap it in (the old build serves meanwhile)")
+    s.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="place the pool's workers as actors on a Ray cluster (default address: [pool.ray] "
+                        "address, else auto); needs pip install 'amphibia[ray]'")
     s.set_defaults(fn=cmd_up)
 
     s = sub.add_parser("worker", help="serve a model to a gateway's pool")

@@ -105,6 +105,9 @@ class AppSpec:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    # The gateway's URL as other machines reach it (Ray worker actors dial its /pool there);
+    # "": http://HOST:PORT of this gateway, which only machines that can reach HOST can use.
+    public_url: str = ""
     # Guests that run at once. A guest waiting on the engine holds one of these threads, never one of
     # the event loop's, so this (not the pool) must not be what limits concurrent generations.
     # 0: as many as `guest_memory_mb` allows, at GUEST_MB per guest in flight (measured).
@@ -144,6 +147,30 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """`[pool.ray]`: worker actors placed on a Ray cluster (`amphibia up --ray`); see README "Scaling out"."""
+
+    enabled: bool = False  # `amphibia up --ray` turns it on; so does `enabled = true`
+    address: str = "auto"  # the cluster: "auto" (the one `ray start` runs here), "HOST:PORT", "ray://..."
+    min_workers: int = 1
+    max_workers: int = 4
+    model: str = ""  # "" : the default model of the apps served
+    slots: int = 4
+    num_cpus: float = 1.0  # per worker actor; its llama.cpp threads follow (at least 1)
+    num_gpus: float = 0.0  # per worker actor: with a GPU, Ray places it on a GPU node
+    gpu_layers: int = -1  # layers offloaded where the actor has a GPU (-1: all; the model's own setting without one)
+    resources: dict[str, float] = field(default_factory=dict)  # Ray custom resource labels the node must have
+    # Autoscaling, from the broker's own signals: one more worker when the queue wait's p90 over the last
+    # `window_s` exceeds `scale_up_wait_s`; one less after `idle_s` without a request (never below min).
+    scale_up_wait_s: float = 2.0
+    window_s: float = 30.0
+    idle_s: float = 120.0
+    cooldown_s: float = 20.0  # after a scale-up: a new worker needs time to load its model and join
+    max_restarts: int = 3  # Ray restarts of a worker actor that died (node lost, OOM, kill)
+    max_failures: int = 3  # workers that fail to start in a row before placing stops (reported in GET /pool)
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     # Workers authenticate with this; empty: a random one per gateway process, given to the local
     # worker only (remote workers then cannot join). Also read from AMPHIBIA_POOL_TOKEN.
@@ -159,6 +186,7 @@ class PoolConfig:
     prompt_weight: float = 1.0  # fair-share cost of a prompt token ...
     generated_weight: float = 2.0  # ... and of a generated one (VTC's weighted token counts)
     heartbeat_s: float = 2.0
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 @dataclass(frozen=True)
@@ -198,6 +226,23 @@ def _take(cls: type, table: dict[str, Any], where: str, **fixed: Any) -> Any:
         return cls(**{**_checked(cls, table, where), **fixed})
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _ray(table: Any, where: str) -> RayConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table, not {_kind(table)}")
+    table = dict(table)
+    resources = table.pop("resources", {})  # a table of names to amounts: checked here, not by its type hint
+    if not isinstance(resources, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in resources.values()):
+        raise ConfigError(f"{where} resources must be a table of resource names to amounts (numbers >= 0)")
+    ray = _take(RayConfig, table, where, resources={str(k): float(v) for k, v in resources.items()})
+    if ray.min_workers < 0 or ray.max_workers < max(1, ray.min_workers):
+        raise ConfigError(f"{where} needs 0 <= min_workers <= max_workers and max_workers >= 1 "
+                          f"(min_workers {ray.min_workers}, max_workers {ray.max_workers})")
+    if ray.slots < 1 or ray.num_cpus < 0 or ray.num_gpus < 0:
+        raise ConfigError(f"{where} slots must be >= 1 and num_cpus, num_gpus >= 0")
+    return ray
 
 
 def _checked(cls: type, table: dict[str, Any], where: str) -> dict[str, Any]:
@@ -368,7 +413,9 @@ def _from_toml(path: Path) -> Config:
         for model in (app.model, *app.allowed_models):
             if model not in models:
                 raise ConfigError(f"app {app.name!r} uses model {model!r}, which no [models.{model}] defines")
-    pool = _take(PoolConfig, data.get("pool", {}), f"{path}: [pool]")
+    pool_table = dict(data.get("pool", {})) if isinstance(data.get("pool", {}), dict) else data.get("pool")
+    ray_table = pool_table.pop("ray", {}) if isinstance(pool_table, dict) else {}
+    pool = _take(PoolConfig, pool_table, f"{path}: [pool]", ray=_ray(ray_table, f"{path}: [pool.ray]"))
     api_keys = dict(_section(data, "api_keys", path))
     for key, app_name in api_keys.items():
         if not isinstance(app_name, str) or not APP_NAME.match(app_name):

@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 import secrets
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -18,7 +18,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from ..build import BROWSER_DIR, stop_builds
-from ..config import Config
+from ..config import DEFAULT_MODEL, Config
 from ..errors import AmphibiaError, error_response
 from ..inference.engine import Engine
 from ..inference.pool.broker import Broker
@@ -87,8 +87,11 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
         if pool_engine is not None and broker is not None:
             pool_engine.attach(asyncio.get_running_loop())
             background.append(asyncio.create_task(broker.housekeeping()))
-            if local_worker_port and config.pool.local_worker:
+            if local_worker_port and config.pool.local_worker and not config.pool.ray.enabled:
                 app.state.local_workers = _local_workers(config, broker, local_worker_port, token, config_target)
+            if config.pool.ray.enabled:
+                app.state.ray_workers = _ray_workers(config, broker, local_worker_port or config.server.port, token)
+                await app.state.ray_workers.start()
         try:
             for supervisor in app.state.local_workers:
                 supervisor.run()
@@ -109,6 +112,8 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
             stop_builds(gateway)  # a gateway told to stop does not wait for componentize-py
             for supervisor in app.state.local_workers:
                 await supervisor.stop()
+            if app.state.ray_workers is not None:
+                await app.state.ray_workers.stop()
             runtime.close()
             if pool_engine is not None:  # an engine handed in (tests, notebooks) is its owner's to close
                 pool_engine.close()
@@ -146,7 +151,24 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
     )
     app.state.gateway = gateway
     app.state.local_workers = []  # Supervisors of the worker processes this gateway started (see lifespan)
+    app.state.ray_workers = None  # the worker actors it places on a Ray cluster ([pool.ray], `up --ray`)
     return app
+
+
+def _ray_workers(config: Config, broker: Broker, port: int, token: str) -> Any:
+    """Worker actors on the Ray cluster, dialling this gateway at its public URL."""
+    from ..inference.pool.ray_workers import RayWorkers  # Ray is optional: imported only when used
+
+    model = config.pool.ray.model or next(iter(default_models_of(config)), DEFAULT_MODEL)
+    if model not in config.models:
+        raise AmphibiaError(f"[pool.ray] model {model!r} is not defined in [models]")
+    base = config.server.public_url or f"http://{_reachable(config.server.host)}:{port}"
+    url = base.rstrip("/").replace("https://", "wss://", 1).replace("http://", "ws://", 1) + "/pool"
+    return RayWorkers(config.pool.ray, config.models[model], url, token, broker)
+
+
+def _reachable(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
 def _local_workers(config: Config, broker: Broker, port: int, token: str,

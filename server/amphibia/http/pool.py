@@ -78,7 +78,9 @@ async def pool_status(request: Request) -> Response:
         since = float(request.query_params.get("since", "0"))
     except ValueError:
         since = 0.0
-    return JSONResponse({**broker.snapshot(), "timeline": [e for e in broker.timeline if e["t"] > since]})
+    ray = request.app.state.ray_workers
+    return JSONResponse({**broker.snapshot(), "timeline": [e for e in broker.timeline if e["t"] > since],
+                         **({"ray": ray.snapshot()} if ray is not None else {})})
 
 
 async def metrics(request: Request) -> Response:

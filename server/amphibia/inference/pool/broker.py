@@ -59,6 +59,7 @@ class Broker:
         self._tokens: dict[str, deque[tuple[float, int]]] = defaultdict(deque)  # per-app tokens/min window
         self._pending_calls: deque[CallJob] = deque()
         self.timeline: deque[dict] = deque(maxlen=2000)  # slot events, for pool views
+        self.wait_listeners: list[Callable[[float], None]] = []  # told each request's queue wait (autoscaling)
 
     # --- intake ---------------------------------------------------------------------------------
     def queued(self) -> int:
@@ -171,7 +172,10 @@ class Broker:
         job.assigned_at, job.missed = time.monotonic(), 0
         worker.running[job.id] = job
         if not job.started:
-            self.metrics.queue_wait.labels(job.app.name).observe(time.monotonic() - job.enqueued)
+            waited = time.monotonic() - job.enqueued
+            self.metrics.queue_wait.labels(job.app.name).observe(waited)
+            for listener in self.wait_listeners:
+                listener(waited)
         job.started = True
         worker.send(job.assign())
         self._event(job, "start")
