@@ -49,6 +49,19 @@ def test_autoscaler_rules() -> None:
     assert a.decide(50, 50, 5, [], False).direction == "down"  # above max_workers (config lowered)
 
 
+def test_the_cluster_example_config_loads_and_up_takes_ray(tmp_path: Path) -> None:
+    from amphibia.cli import parser
+    from amphibia.config import load_config
+
+    (tmp_path / "apps").mkdir()
+    (tmp_path / "amphibia.toml").write_text((ROOT / "deploy" / "ray" / "amphibia.toml").read_text())
+    ray_config = load_config(str(tmp_path / "amphibia.toml")).pool.ray
+    assert ray_config.enabled and ray_config.num_gpus == 1 and ray_config.resources == {"llm": 1.0}
+    assert parser().parse_args(["up", "--ray"]).ray == ""  # the address from [pool.ray]
+    assert parser().parse_args(["up", "--ray", "ray://head:10001"]).ray == "ray://head:10001"
+    assert parser().parse_args(["up"]).ray is None
+
+
 # --- a real cluster ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
