@@ -18,6 +18,7 @@ from conftest import CACHE, ROOT
 from amphibia.config import Config, ModelSpec, PoolConfig, RayConfig, ServerConfig, default_models
 from amphibia.inference.pool.autoscale import Autoscaler
 from amphibia.loopback import free_port, serve_in_thread
+from amphibia.sandbox.signals import kept_signal_handlers
 
 ray = pytest.importorskip("ray")
 TOKEN = "ray-test-token"
@@ -73,7 +74,8 @@ def cluster() -> Iterator[str]:
     # "auto": the cluster `ray start` runs on this machine (also how the driver finds its auth token;
     # an explicit HOST:PORT needs RAY_AUTH_MODE=token set as well, see README "Scaling out").
     yield "auto"
-    ray.shutdown()
+    with kept_signal_handlers():  # ray.shutdown resets them: later guest traps in this process would crash it
+        ray.shutdown()
     subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
@@ -162,3 +164,33 @@ def test_a_worker_that_cannot_start_is_reported_not_retried_forever(cluster: str
         assert len(again["failed"]) == 2 and not again["workers"]
     finally:
         served.stop()
+
+
+def test_a_guest_trap_after_ray_init_still_ends_only_its_request(cluster: str) -> None:
+    """ray.init turns on faulthandler, whose signal handlers would take wasmtime's traps for crashes
+    and kill the gateway; placing workers must leave wasmtime's in place."""
+    import tempfile
+
+    from amphibia.build import build
+    from amphibia.config import load_app
+    from amphibia.errors import GuestError
+    from amphibia.inference.pool.broker import Broker
+    from amphibia.inference.pool.ray_workers import RayWorkers
+    from amphibia.bench.echo_engine import EchoEngine
+    from amphibia.inference.service import InferenceService
+    from amphibia.sandbox.llm_host import LlmHost
+    from amphibia.sandbox.runtime import HttpRequest, Runtime
+
+    RayWorkers(RayConfig(address=cluster), default_models()["smollm2"], "ws://127.0.0.1:1/pool", TOKEN,
+               Broker(PoolConfig()))._connect()
+    misbehave = ROOT / "tests" / "apps" / "misbehave"
+    app, built = load_app(misbehave), build(misbehave)
+    runtime = Runtime([LlmHost(InferenceService(EchoEngine()))], Path(tempfile.mkdtemp()), guest_threads=1)
+    try:
+        component = runtime.load(built.wasm, built.sha256)
+        for path in ("/trap", "/loop"):
+            with pytest.raises(GuestError):
+                runtime.handle(app, component, HttpRequest("GET", path), "after-ray")
+        assert runtime.handle(app, component, HttpRequest("GET", "/ok"), "after-ray").body == b"ok"
+    finally:
+        runtime.close()

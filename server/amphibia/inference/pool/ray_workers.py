@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge
 
 from ...config import ModelSpec, RayConfig
 from ...errors import AmphibiaError
+from ...sandbox.signals import kept_signal_handlers
 from .autoscale import Autoscaler, Decision
 from .broker import Broker
 
@@ -106,8 +107,11 @@ class RayWorkers:
     def _connect(self) -> None:
         ray = _ray()
         try:
-            ray.init(address=self.config.address, namespace="amphibia", log_to_driver=False,
-                     ignore_reinit_error=True, configure_logging=False)
+            # ray.init installs fault handlers in front of wasmtime's: the next guest trap would kill
+            # the gateway instead of ending one request (see sandbox/signals.py).
+            with kept_signal_handlers():
+                ray.init(address=self.config.address, namespace="amphibia", log_to_driver=False,
+                         ignore_reinit_error=True, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise AmphibiaError(f"no Ray cluster at {self.config.address!r} ({exc}); start one with "
                                 f"`ray start --head` or set [pool.ray] address") from None
