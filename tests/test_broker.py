@@ -291,3 +291,20 @@ def test_a_resumed_job_carries_the_token_ids_it_delivered() -> None:
     broker.remove_worker(link)
     _, sent = worker(broker)
     assert (sent[-1].resume_text, sent[-1].resume_tokens, sent[-1].resume_ids) == ("ab", 2, [7, 8])
+
+
+def test_a_call_waits_for_a_worker_of_its_model_and_asks_for_one() -> None:
+    """A call for a model no worker serves is held (its model told to `unserved_listeners`, which
+    `amphibia up` uses to start the embedding model's worker) until a worker of that model joins; a
+    worker of another model joining meanwhile leaves it held (it used to spin the loop forever)."""
+    broker = Broker(PoolConfig())
+    asked: list[str] = []
+    broker.unserved_listeners.append(asked.append)
+    embed = CallJob(app("e"), Call("minilm", "embed", {"texts": ["t"]}), CallResult())
+    broker.submit_call(embed)
+    assert asked == ["minilm"] and list(broker._pending_calls) == [embed]
+    _, other_sent = worker(broker)  # serves "m" only
+    assert list(broker._pending_calls) == [embed] and not other_sent
+    sent: list = []
+    broker.add_worker(WorkerLink("w-e", ["minilm"], 1, "cpu", sent.append))
+    assert not broker._pending_calls and sent[-1].id == embed.id

@@ -24,11 +24,13 @@ def next_id(prefix: str = "j") -> str:
 
 
 def assign_message(job_id: str, generation: Generation, text: str | None = None, generated: int | None = None,
-                   ids: Sequence[int] = ()) -> wire.Assign:
+                   ids: Sequence[int] = (), params: dict | None = None) -> wire.Assign:
     """The `assign` for `generation`, resuming after `text` (`generated` tokens, `ids` when known)
-    already delivered; by default, after the generation's own `resume_text`."""
+    already delivered; by default, after the generation's own `resume_text`. `params`: the
+    generation's params as a dict, when the caller has them already."""
     messages = [dict(m) for m in generation.messages] if generation.messages is not None else None
-    return wire.Assign(id=job_id, model=generation.model, params=asdict(generation.params), prompt=generation.prompt,
+    params = asdict(generation.params) if params is None else params
+    return wire.Assign(id=job_id, model=generation.model, params=params, prompt=generation.prompt,
                        messages=messages, resume_text=generation.resume_text if text is None else text,
                        resume_tokens=generation.resume_tokens if generated is None else generated,
                        resume_ids=list(ids))
@@ -94,6 +96,7 @@ class GenerationJob:
     missed: int = 0  # consecutive heartbeats of its worker that did not list it
     crashes: int = 0  # workers that went away while holding it
     deadline: float = 0.0  # monotonic; the app's llm_timeout_s after submission
+    _params: dict | None = field(default=None, repr=False)  # the generation's params as sent, made once
 
     def __post_init__(self) -> None:
         self.text, self.generated = self.generation.resume_text, self.generation.resume_tokens
@@ -111,7 +114,9 @@ class GenerationJob:
         # Resume from the delivered token ids when they cover everything delivered (not after a page's
         # own text), so that a greedy answer goes on exactly as it would have.
         ids = self.ids if not self.generation.resume_text else []
-        return assign_message(self.id, self.generation, self.text, self.generated, ids)
+        if self._params is None:  # a preempted job is assigned again and again: asdict copies deeply
+            self._params = asdict(self.generation.params)
+        return assign_message(self.id, self.generation, self.text, self.generated, ids, self._params)
 
 
 @dataclass(eq=False)

@@ -1,6 +1,8 @@
 """Prometheus metrics of the pool, in a registry of their own (one per gateway)."""
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
@@ -31,3 +33,18 @@ class PoolMetrics:
         # A worker that keeps dying (a bad GGUF, the OOM killer) shows here before anyone reads a log.
         self.worker_restarts = Counter("amphibia_worker_restarts", "Local worker processes restarted after they exited",
                                        ["worker"], registry=r)
+
+
+class Labelled:
+    """A labelled metric's children, each looked up once: `labels()` takes a lock and checks its
+    values on every call, and the broker asks for a child per token (`amphibia bench broker`)."""
+
+    def __init__(self, metric: Counter | Gauge | Histogram) -> None:
+        self.metric = metric
+        self.children: dict[tuple[str, ...], Counter | Gauge | Histogram] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = self.metric.labels(*values)
+        return child

@@ -10,7 +10,8 @@ import json
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 2  # checked at hello: a worker of another version is refused with a clear reason
+PROTOCOL_VERSION = 3  # checked at hello: a worker of another version is refused with a clear reason
+# 3: workers send a decode step's pieces as one `tokens` frame, which a version-2 gateway would refuse
 MAX_FRAME_BYTES = 1 << 20  # both ways, in bytes; the WebSocket servers' maximum message size too
 # Close codes of the pool's and the bridge's sockets (4000-4999 are the application's own range)
 CLOSE_PROTOCOL = 4400
@@ -34,19 +35,23 @@ class Message:
     type: ClassVar[str]
 
     def encode(self) -> str:
-        return json.dumps({"type": self.type, **_plain(self)})
+        # A message's fields are its instance dict, in order; json.dumps walks them without copies and
+        # asks `_plain` only about what it cannot write itself (a dataclass inside a value).
+        return _dumps({"type": self.type, **self.__dict__})
+
+    def check(self) -> None:
+        """Raise ProtocolError if the fields, each of the right type, do not fit together (decode)."""
 
 
 def _plain(value: Any) -> Any:
-    """`dataclasses.asdict` without its deep copies: messages are encoded on every token, and the
-    copies were most of the cost (json.dumps copies nothing it is given)."""
+    """`dataclasses.asdict` without its deep copies, for what json.dumps cannot write itself: messages
+    are encoded on every token, and the copies were most of the cost."""
     if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+        return {f.name: getattr(value, f.name) for f in fields(value)}
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+_dumps = json.JSONEncoder(default=_plain).encode
 
 
 # --- worker -> gateway ------------------------------------------------------------------------
@@ -93,6 +98,38 @@ class Token(Message):
     text: str
     n: int = 1  # tokens this piece stands for
     ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Tokens(Message):
+    """One decode step's `token` messages, for every sequence that had text in it, in one frame: entry
+    i is `Token(jobs[i], texts[i], n[i], ids[i])`. A worker with many slots sends one frame per step
+    instead of one per sequence, and sends it as the step ends, so no token waits longer for it."""
+
+    type: ClassVar[str] = "tokens"
+    jobs: list[str]
+    texts: list[str]
+    n: list[int]
+    ids: list[list[int]]
+
+    @classmethod
+    def of(cls, tokens: "list[Token]") -> "Tokens":
+        return cls([t.id for t in tokens], [t.text for t in tokens], [t.n for t in tokens], [t.ids for t in tokens])
+
+    def split(self) -> "list[Token]":
+        return [Token(*entry) for entry in zip(self.jobs, self.texts, self.n, self.ids)]
+
+    def check(self) -> None:
+        count = len(self.jobs)
+        if not len(self.texts) == len(self.n) == len(self.ids) == count:
+            raise ProtocolError("tokens: jobs, texts, n and ids must be as long as each other")
+        # type() rather than isinstance: a bool is not a count, and these are JSON's own types
+        if not (set(map(type, self.jobs)) | set(map(type, self.texts))) <= {str}:
+            raise ProtocolError("tokens: jobs and texts must be strings")
+        if not set(map(type, self.n)) <= {int} or not set(map(type, self.ids)) <= {list}:
+            raise ProtocolError("tokens: n must be integers and ids lists")
+        if not {type(i) for ids in self.ids for i in ids} <= {int}:
+            raise ProtocolError("tokens: ids must be lists of integers")
 
 
 @dataclass
@@ -180,13 +217,18 @@ class Preempt(Message):
 
 MESSAGES: dict[str, type[Message]] = {
     cls.type: cls
-    for cls in (Hello, Heartbeat, Started, Token, Done, Preempted, Result, Failed, Welcome, Assign, Call, Cancel,
-                Preempt)
+    for cls in (Hello, Heartbeat, Started, Token, Tokens, Done, Preempted, Result, Failed, Welcome, Assign, Call,
+                Cancel, Preempt)
 }
-_FIELDS = {cls: {f.name: f for f in fields(cls)} for cls in MESSAGES.values()}  # decode runs per token
 _TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict, "list[str]": list,
-          "list[int]": list,
+          "list[int]": list, "list[list[int]]": list,
           "list[dict] | None": (list, type(None)), "str | None": (str, type(None)), "Any": object}
+# Per message type, what decode checks (it runs per frame): each field's name, its type as written,
+# the Python types it accepts, whether it may be left out, and whether a bool would pass for a number.
+_CHECKS = {cls: [(f.name, f.type, _TYPES.get(str(f.type), object),
+                  f.default is not MISSING or f.default_factory is not MISSING, str(f.type) in ("int", "float"))
+                 for f in fields(cls)] for cls in MESSAGES.values()}
+_NAMES = {cls: {f.name for f in fields(cls)} for cls in MESSAGES.values()}
 
 
 def frame_bytes(frame: str) -> int:
@@ -212,23 +254,20 @@ def decode(frame: str | bytes, allowed: tuple[type[Message], ...] | None = None)
     cls = MESSAGES.get(data.pop("type"))
     if cls is None or (allowed is not None and cls not in allowed):
         raise ProtocolError(f"unexpected message type {frame[:60]!r}")
-    known = _FIELDS[cls]
-    unknown = set(data) - set(known)
-    if unknown:
-        raise ProtocolError(f"{cls.type}: unknown field(s) {', '.join(sorted(unknown))}")
-    for name, f in known.items():
+    if not _NAMES[cls].issuperset(data):
+        raise ProtocolError(f"{cls.type}: unknown field(s) {', '.join(sorted(set(data) - _NAMES[cls]))}")
+    for name, written, expected, optional, number in _CHECKS[cls]:
         if name not in data:
-            if f.default is MISSING and f.default_factory is MISSING:
+            if not optional:
                 raise ProtocolError(f"{cls.type}: missing field {name!r}")
             continue
-        expected = _TYPES.get(str(f.type), object)
         value = data[name]
-        if isinstance(value, bool) and expected in (int, (int, float)):
-            raise ProtocolError(f"{cls.type}.{name} must be {f.type}")
-        if not isinstance(value, expected):
-            raise ProtocolError(f"{cls.type}.{name} must be {f.type}")
-    return cls(**data)
+        if not isinstance(value, expected) or (number and isinstance(value, bool)):
+            raise ProtocolError(f"{cls.type}.{name} must be {written}")
+    message = cls(**data)
+    message.check()
+    return message
 
 
-WORKER_TO_GATEWAY = (Hello, Heartbeat, Started, Token, Done, Preempted, Result, Failed)
+WORKER_TO_GATEWAY = (Hello, Heartbeat, Started, Token, Tokens, Done, Preempted, Result, Failed)
 GATEWAY_TO_WORKER = (Welcome, Assign, Call, Cancel, Preempt)

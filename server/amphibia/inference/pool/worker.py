@@ -49,10 +49,11 @@ def device_name(gpu_layers: int) -> str:
 def run(opts: WorkerOptions) -> None:
     """Serve until interrupted: the batcher on this (main) thread, the network on another."""
     spec = opts.model
-    model = LlamaModel(spec.gguf_path(), spec.n_ctx, spec.gpu_layers, spec.threads, opts.slots, spec.flash_attn)
+    model = LlamaModel(spec.gguf_path(), spec.n_ctx, spec.gpu_layers, spec.threads, opts.slots, spec.flash_attn,
+                       embeddings_only=spec.purpose == "embeddings")
     loop = asyncio.new_event_loop()
     outbox: asyncio.Queue[wire.Message] = asyncio.Queue()
-    batcher = Batcher(model, lambda m: loop.call_soon_threadsafe(outbox.put_nowait, m))
+    batcher = Batcher(model, lambda m: loop.call_soon_threadsafe(outbox.put_nowait, m), coalesce=True)
 
     def network() -> None:
         asyncio.set_event_loop(loop)
@@ -100,22 +101,26 @@ async def connect_forever(opts: WorkerOptions, batcher: Batcher, outbox: asyncio
         backoff = min(opts.max_backoff_s, backoff * 2)
 
 
-def _frame(msg: wire.Message) -> str:
-    """`msg` as a frame within the limit; an answer too large to send fails its request instead of
-    the connection (the gateway would close a worker that sends an oversized frame)."""
+def _frames(msg: wire.Message) -> list[str]:
+    """`msg` as frames within the limit; an answer too large to send fails its request instead of
+    the connection (the gateway would close a worker that sends an oversized frame). A step's
+    `tokens` too large for one frame goes as a `token` frame per piece."""
     frame = msg.encode()
     size = wire.frame_bytes(frame)
+    if size > wire.MAX_FRAME_BYTES and isinstance(msg, wire.Tokens):
+        return [f for piece in msg.split() for f in _frames(piece)]
     if size > wire.MAX_FRAME_BYTES and isinstance(msg, (wire.Result, wire.Token)):
         error = LLMError(f"the answer is {size} bytes, over the pool's frame limit of {wire.MAX_FRAME_BYTES}")
         frame = failed_message(msg.id, error).encode()
-    return frame
+    return [frame]
 
 
 async def _session(ws: websockets.ClientConnection, batcher: Batcher, outbox: asyncio.Queue,
                    heartbeat_s: float, stop: asyncio.Event) -> None:
     async def send() -> None:
         while True:
-            await ws.send(_frame(await outbox.get()))
+            for frame in _frames(await outbox.get()):
+                await ws.send(frame)
 
     async def beat() -> None:
         while True:
