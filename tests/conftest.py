@@ -82,10 +82,10 @@ class Pool:
         self.third_party_url = ""
         self.workers: dict[str, subprocess.Popen] = {}
 
-    def start_worker(self, worker_id: str, slots: int = 2) -> None:
+    def start_worker(self, worker_id: str, slots: int = 2, model: str = "smollm2") -> None:
         # Two workers on this 2-core machine: one thread each. Two threads each would make
         # four spinning OpenMP threads fight over two cores and slow every decode many times.
-        self.workers[worker_id] = spawn_worker(f"ws://127.0.0.1:{self.port}/pool", TOKEN, slots=slots,
+        self.workers[worker_id] = spawn_worker(f"ws://127.0.0.1:{self.port}/pool", TOKEN, slots=slots, model=model,
                                                worker_id=worker_id, threads=max(1, (os.cpu_count() or 2) // 2))
 
     def status(self) -> dict:
@@ -126,7 +126,8 @@ def pool() -> Iterator[Pool]:
     p.third_party_url = third_party_url
     p.start_worker("wA")
     p.start_worker("wB")
-    p.wait_for(lambda s: len(s["workers"]) == 2, "two workers")
+    p.start_worker("wE", model="minilm")  # the default embedding model's (idle unless something embeds)
+    p.wait_for(lambda s: len(s["workers"]) == 3, "three workers")
     yield p
     for proc in p.workers.values():
         proc.terminate()

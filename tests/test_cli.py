@@ -26,6 +26,8 @@ def test_models_lists_the_embedded_default() -> None:
     assert out.returncode == 0, out.stderr
     models = {m["name"]: m for m in json.loads(out.stdout)}
     assert models["smollm2"]["available"] and models["smollm2"]["path"].endswith(".gguf")
+    assert models["smollm2"]["purpose"] == "generation" and models["minilm"]["purpose"] == "embeddings"
+    assert models["minilm"]["available"] and models["minilm"]["path"].endswith(".gguf")  # converted, cached
 
 
 def test_new_build_up_and_call(tmp_path: Path) -> None:

@@ -58,10 +58,13 @@ def test_embed_search_ranks_the_matching_document_first(http: httpx.Client) -> N
     res = http.post("/apps/embed-search/", json={"query": "What is the capital city of France?"})
     assert res.status_code == 200, res.text
     body = res.json()
-    assert body["dimensions"] == 576
+    assert body["dimensions"] == 384  # all-MiniLM-L6-v2, the default embedding model
     assert "Paris" in body["results"][0]["document"]
     scores = [r["score"] for r in body["results"]]
     assert scores == sorted(scores, reverse=True)
+    # The query: mean-pooled SmolLM2 states ranked the Python document first.
+    body = http.get("/apps/embed-search/", params={"q": "capital of France"}).json()
+    assert body["results"][0]["document"].startswith("Paris is the capital of France")
 
 
 def test_tokens_roundtrip_and_truncate(http: httpx.Client) -> None:
@@ -275,13 +278,13 @@ def test_open_apis_and_bridge_without_a_pool(server: str, http: httpx.Client) ->
     assert events[-1] == "[DONE]"
     text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
     assert text == "The capital of France is Paris."
-    emb = http.post("/v1/embeddings", json={"model": "smollm2", "input": ["frogs", "toads"]}).json()
-    assert len(emb["data"]) == 2 and len(emb["data"][0]["embedding"]) == 576
+    emb = http.post("/v1/embeddings", json={"model": "minilm", "input": ["frogs", "toads"]}).json()
+    assert len(emb["data"]) == 2 and len(emb["data"][0]["embedding"]) == 384
     spin = http.post("/infer", json={"model": "smollm2", "prompt": "The capital of France is",
                                      "options": {"maxTokens": 4, "temperature": 0}}).json()
     assert spin["usage"]["generatedTokenCount"] >= 1 and "Paris" in spin["text"]
     # Text that is not valid UTF-8 never reaches an engine.
-    res = http.post("/v1/embeddings", content=b'{"model": "smollm2", "input": "\\ud800"}')
+    res = http.post("/v1/embeddings", content=b'{"model": "minilm", "input": "\\ud800"}')
     assert res.status_code == 400 and "UTF-8" in error_of(res)["message"]
 
     token = http.get("/bridge/token", params={"app": "chat"}).json()["token"]

@@ -181,7 +181,7 @@ def test_connect_runs_the_same_apps_on_a_remote_pool(nb, pool: Pool) -> None:
         found = search.get("/", params={"q": "capital of France"}).json()
         assert [r["document"] for r in found["results"]] == [r["document"] for r in local[1]["results"]]
         assert _timeline_apps(pool, started) == {"chat"}  # generations ran in the pool, as app "chat"
-        assert remote.workers == 2 and "smollm2" in remote.models()
+        assert remote.workers == 3 and "smollm2" in remote.models()  # wA, wB and wE (embeddings)
 
         # An app the remote gateway does not serve gets a clear answer, not a hang.
         refused = echo_app().post("/", data="hi")
@@ -210,9 +210,9 @@ def test_pool_view_draws_slots_queues_and_service_from_real_data(pool: Pool) -> 
                     for _ in range(2)]
         fig = pool_view(pool.url, since=since, until=futures, interval=0.3)
     assert all(f.result().status_code == 200 for f in futures)
-    workers, (queue_ax, service_ax) = fig.axes[:2], fig.axes[2:]
-    assert len(fig.axes) == 4  # one per worker (wA, wB), queue depth, service
-    assert {ax.get_ylabel() for ax in workers} == {"wA", "wB"}
+    workers, (queue_ax, service_ax) = fig.axes[:3], fig.axes[3:]
+    assert len(fig.axes) == 5  # one per worker (wA, wB and wE, the embedding model's), queue depth, service
+    assert {ax.get_ylabel() for ax in workers} == {"wA", "wB", "wE"}
     bars = [p.get_gid() for ax in workers for p in ax.patches]
     assert bars.count("chat") >= 4 and bars.count("summarize") >= 2  # every request held a slot (some twice)
     assert {line.get_label() for line in queue_ax.lines} == {"chat", "summarize"}

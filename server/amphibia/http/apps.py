@@ -110,6 +110,7 @@ async def list_apps(request: Request) -> Response:
     local = {m: browser_model(gateway.config, m) for m in {a.spec.model for a in gateway.apps.values()}}
     return JSONResponse({"apps": [
         {"name": a.spec.name, "description": a.spec.description, "model": a.spec.model,
+         "embedding_model": a.spec.embedding_model,
          "allowed_models": list(a.spec.allowed_models), "url": f"/apps/{a.spec.name}/",
          "wasm_sha256": a.manifest.get("wasm_sha256"),
          "browser": f"/apps/{a.spec.name}/browser/@{version_of(a.manifest)}/" if a.manifest.get("browser") else None,

@@ -15,7 +15,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
 
 from ..build import BuildResult, build_in_store, build_owner, source_hash, toolchain_hash
-from ..config import AppSpec, Config
+from ..config import DEFAULT_EMBEDDING_MODEL, AppSpec, Config
 from ..errors import AmphibiaError, AppNotFound, Building
 from ..inference.pool.broker import Broker
 from ..inference.service import InferenceService
@@ -295,6 +295,13 @@ def default_models_of(config: Config) -> list[str]:
     """The models the configured apps use by default (the first registered one if there are no apps):
     what a local worker serves and what the in-process engine loads before the first request."""
     return sorted({a.model for a in config.apps.values()}) or list(config.models)[:1]
+
+
+def embedding_models_of(config: Config) -> list[str]:
+    """The embedding models the configured apps (or, with none, the open APIs) embed with by default:
+    `amphibia up` starts a local worker for one when a request first needs it."""
+    wanted = {a.embedding_model for a in config.apps.values()} or {DEFAULT_EMBEDDING_MODEL}
+    return sorted(m for m in wanted if m in config.models and m not in default_models_of(config))
 
 
 def health_problems(gateway: Gateway) -> list[str]:

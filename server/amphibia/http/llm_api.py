@@ -36,9 +36,10 @@ async def begin(request: Request) -> tuple[Gateway, AppSpec, dict]:
 
 
 async def embed(request: Request) -> tuple[str, dict]:
-    """An embeddings request (`model`, `input`: a string or a list of them): the model and the vectors."""
+    """An embeddings request (`model`, `input`: a string or a list of them): the model and the vectors.
+    With no `model`, the client's app's embedding model (by default the default embedding model)."""
     gateway, app, data = await begin(request)
-    call = gateway.service.call_request(app, requested_model(data), "embed", {"texts": data.get("input")})
+    call = gateway.service.call_request(app, data.get("model"), "embed", {"texts": data.get("input")})
     return call.model, await gateway.service.arun_call(app, call)
 
 

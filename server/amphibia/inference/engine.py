@@ -41,6 +41,9 @@ class Engine(Protocol):
         """The models this engine serves, each with its context size in tokens."""
         ...
 
+    # Optional: `purposes() -> Mapping[str, str]`, each model's purpose ("generation" or "embeddings"),
+    # which the service checks requests against (models an engine does not list are not checked).
+
     def generate(self, caller: AppSpec, generation: Generation, sink: GenerationSink) -> Cancel:
         """Start `generation`; raise at once (e.g. Overloaded) when it cannot be queued."""
         ...

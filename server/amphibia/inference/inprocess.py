@@ -41,7 +41,8 @@ class ModelRunner:
 
         spec = self.spec
         try:
-            model = LlamaModel(spec.gguf_path(), spec.n_ctx, spec.gpu_layers, spec.threads, self.slots, spec.flash_attn)
+            model = LlamaModel(spec.gguf_path(), spec.n_ctx, spec.gpu_layers, spec.threads, self.slots, spec.flash_attn,
+                               embeddings_only=spec.purpose == "embeddings")
         except Exception as exc:  # reported to every request instead of killing the thread silently
             log.error("model %s failed to load: %s", spec.name, exc)
             self._stop(f"failed to load: {exc}")
@@ -139,6 +140,9 @@ class InProcessEngine:
 
     def models(self) -> Mapping[str, int]:
         return {name: spec.n_ctx for name, spec in self.specs.items()}
+
+    def purposes(self) -> Mapping[str, str]:
+        return {name: spec.purpose for name, spec in self.specs.items()}
 
     def generate(self, caller: AppSpec, generation: Generation, sink: GenerationSink) -> Cancel:
         message = jobs.assign_message(jobs.next_id(), generation)

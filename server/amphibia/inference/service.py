@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from ..config import AppSpec
 from ..errors import InvalidInput, ModelNotAllowed, ModelNotSupported
-from . import chat_template
+from . import chat_template, grammar
 from .engine import Engine
 from .pool import jobs, wire
 from .stream import AsyncTokenStream, CallWaiter, TokenStream
@@ -74,10 +74,11 @@ class InferenceService:
     def models(self) -> Mapping[str, int]:
         return self.engine.models()
 
-    def resolve_model(self, caller: AppSpec, model: Any) -> str:
-        """The caller's default for ""/None, else `model` if it is served and the caller may use it."""
+    def resolve_model(self, caller: AppSpec, model: Any, purpose: str | None = "generation") -> str:
+        """The caller's default for ""/None (its `embedding_model` for embeddings), else `model` if it
+        is served and the caller may use it; and a model for `purpose` (None: any, as for tokenize)."""
         if model is None or model == "":
-            model = caller.model
+            model = caller.embedding_model if purpose == "embeddings" else caller.model
         if not isinstance(model, str):
             raise InvalidInput("model must be a model name")
         served = self.models()
@@ -87,6 +88,12 @@ class InferenceService:
             raise ModelNotAllowed(
                 f"app {caller.name!r} may not use model {model!r}; add it to allowed_models in the app's "
                 f"app.toml or its [apps.{caller.name}] table in amphibia.toml")
+        purposes = getattr(self.engine, "purposes", None)  # an engine that does not say is not checked
+        actual = purposes().get(model) if purposes is not None else None
+        if purpose is not None and actual is not None and actual != purpose:
+            other = caller.embedding_model if purpose == "embeddings" else caller.model
+            raise InvalidInput(f"model {model!r} is a model for {actual}, not {purpose}; "
+                               f"use {purpose} model {other!r} (or name none)")
         return model
 
     def params(self, model: str, params: SamplingParams | Mapping[str, Any] | None) -> SamplingParams:
@@ -98,7 +105,12 @@ class InferenceService:
             params = SamplingParams.from_dict(dict(params))
         for i, stop in enumerate(params.stop):
             utf8_text(stop, f"stop[{i}]")
-        return params.validate(self.models()[model])
+        params = params.validate(self.models()[model])
+        if params.json_schema is not None:  # engines and the wire see only the grammar it becomes
+            params = replace(params, json_schema=None, grammar=grammar.schema_to_grammar(params.json_schema))
+        elif params.grammar is not None:
+            params = replace(params, grammar=grammar.check_grammar(params.grammar))
+        return params
 
     def generation(self, caller: AppSpec, *, model: Any = "", prompt: Any = None, messages: Any = None,
                    params: SamplingParams | Mapping[str, Any] | None = None, resume_text: Any = "",
@@ -119,7 +131,7 @@ class InferenceService:
         return generation
 
     def call_request(self, caller: AppSpec, model: Any, method: Any, args: Any, request_id: str = "") -> Call:
-        model = self.resolve_model(caller, model)
+        model = self.resolve_model(caller, model, "embeddings" if method == "embed" else None)
         if method not in CALL_METHODS:
             raise InvalidInput(f"unknown call {method!r}; calls: {', '.join(CALL_METHODS)}")
         if not isinstance(args, Mapping):

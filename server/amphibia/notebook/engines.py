@@ -85,6 +85,10 @@ class EngineSwitch:
     def models(self) -> Mapping[str, int]:
         return self.current.models()
 
+    def purposes(self) -> Mapping[str, str]:
+        purposes = getattr(self.current, "purposes", None)
+        return purposes() if purposes is not None else {}
+
     def generate(self, caller: AppSpec, generation: Generation, sink: GenerationSink) -> Cancel:
         on_piece = self._taps.get(generation.request_id)
         return self.current.generate(caller, generation, _TappedSink(sink, on_piece) if on_piece else sink)

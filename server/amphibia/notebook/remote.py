@@ -96,6 +96,8 @@ class BridgeEngine:
         known = default_models()
         self._models: dict[str, int] = {
             name: known[name].n_ctx if name in known else UNKNOWN_CONTEXT for name in health.get("models", [])}
+        # Models of unknown purpose are not checked here: the gateway checks them.
+        self._purposes = {name: known[name].purpose for name in self._models if name in known}
         self.served_apps: list[str] = list(health.get("apps", []))
         self.workers: int | None = health.get("workers")
         self._loop = asyncio.new_event_loop()
@@ -202,6 +204,9 @@ class BridgeEngine:
     # --- inference.engine.Engine ----------------------------------------------------------------------
     def models(self) -> Mapping[str, int]:
         return self._models
+
+    def purposes(self) -> Mapping[str, str]:
+        return self._purposes
 
     def generate(self, caller: AppSpec, generation: Generation, sink: GenerationSink) -> Cancel:
         msg = jobs.assign_message(jobs.next_id("n"), generation)

@@ -80,6 +80,8 @@ class BackgroundGateway:
         self.gateway = self.asgi.state.gateway
         self.log_dir = Path(tempfile.mkdtemp(prefix="amphibia-notebook-"))
         self.workers: dict[str, subprocess.Popen] = {}
+        # An embedding model gets a worker of its own when a request first needs it (as with `amphibia up`).
+        self.gateway.broker.unserved_listeners.append(self._embedding_worker)
         self._served = serve_in_thread(self.asgi, self.port, self.host, start_timeout_s)
         self.stopped = False
         session.gateways.append(self)
@@ -128,24 +130,32 @@ class BackgroundGateway:
         return self.request(app, "POST", path, **kwargs)
 
     # --- workers --------------------------------------------------------------------------------------
-    def start_worker(self, worker_id: str, slots: int = 2, model: str = "smollm2") -> subprocess.Popen:
+    def start_worker(self, worker_id: str, slots: int = 2, model: str = "smollm2",
+                     threads: int | None = None) -> subprocess.Popen:
         """A real worker process (`amphibia worker`) that dials this gateway's pool; its log goes to a file."""
         # A process group of its own: ipykernel signals the children in its group at shutdown and
         # then waits for them to vanish, which a terminated but unreaped worker never does; these
         # workers are stopped by `stop` (atexit) instead, or by the kernel's death (PDEATHSIG).
         proc = spawn_worker(f"ws://{self.host}:{self.port}/pool", self.token, model=model, slots=slots,
-                            worker_id=worker_id, threads=self.threads, config=self._models_toml(),
+                            worker_id=worker_id, threads=threads or self.threads, config=self._models_toml(),
                             log_file=self.log_dir / f"worker-{worker_id}.log", own_session=True,
                             preexec=_die_with_parent if _prctl is not None else None)
         self.workers[worker_id] = proc
         return proc
+
+    def _embedding_worker(self, model: str) -> None:
+        """Called by the broker (on the gateway's loop) for a request whose model no worker serves."""
+        spec = self.config.models.get(model)
+        wanted = spec is not None and spec.purpose == "embeddings"
+        if wanted and not getattr(self, "stopped", False) and f"embed-{model}" not in self.workers:
+            self.start_worker(f"embed-{model}", slots=1, model=model, threads=spec.threads)
 
     def _models_toml(self) -> Path:
         """The workers' model registry: this session's models (which may not be the defaults)."""
         lines = []
         for name, spec in self.config.models.items():
             lines += [f"[models.{name}]", f"n_ctx = {spec.n_ctx}",
-                      f"gpu_layers = {spec.gpu_layers}"]
+                      f"gpu_layers = {spec.gpu_layers}", f"purpose = {json.dumps(spec.purpose)}"]
             for key in ("path", "package", "file"):
                 if getattr(spec, key) is not None:
                     lines.append(f"{key} = {json.dumps(str(getattr(spec, key)))}")

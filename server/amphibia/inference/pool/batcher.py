@@ -100,6 +100,9 @@ class Batcher:
     # Wire messages, _DROP_ALL or None for the loop; given by an owner that queues work before the
     # model is loaded (the in-process engine).
     inbox: queue.Queue[Any] = field(default_factory=queue.Queue)
+    # One `tokens` message per tick for all its pieces, emitted as the tick ends (the pool's worker:
+    # one frame a step instead of one per sequence); else a `token` message per piece.
+    coalesce: bool = False
     _waiting: deque[wire.Assign] = field(default_factory=deque, init=False)
     _active: dict[str, Sequence] = field(default_factory=dict, init=False)
     _embeds: deque[Embedding] = field(default_factory=deque, init=False)
@@ -115,6 +118,7 @@ class Batcher:
     # Moving averages of what ticks cost here: seconds per decode-only tick, per prefilled token.
     _decode_s: float = field(default=0.0, init=False)
     _prefill_s_per_token: float = field(default=0.0, init=False)
+    _held: list[wire.Message] | None = field(default=None, init=False)  # a coalescing tick's messages
 
     @property
     def slots(self) -> int:
@@ -356,8 +360,34 @@ class Batcher:
         self._learn(time.perf_counter() - started, decodes=len(feeds) - prefill, prefill=prefill)
         if len(picks) != len(sampling):
             raise LLMError(f"the model picked {len(picks)} tokens for {len(sampling)} sequences")
-        for seq, (token, piece, end) in zip(sampling, picks):
-            self._sample(seq, token, piece, end)
+        self._held = [] if self.coalesce else None
+        try:
+            for seq, (token, piece, end) in zip(sampling, picks):
+                self._sample(seq, token, piece, end)
+        finally:
+            self._release_held()
+
+    def _emit(self, message: wire.Message) -> None:
+        """Emit now, or at the end of a coalescing tick."""
+        if self._held is not None:
+            self._held.append(message)
+        else:
+            self.emit(message)
+
+    def _release_held(self) -> None:
+        """A coalescing tick's pieces in one `tokens` message, then the rest (Done, Failed) in order: a
+        sequence's pieces still come before its end."""
+        held, self._held = self._held, None
+        if not held:
+            return
+        pieces = [m for m in held if isinstance(m, wire.Token)]
+        if len(pieces) > 1:
+            self.emit(wire.Tokens.of(pieces))
+        elif pieces:
+            self.emit(pieces[0])
+        for message in held:
+            if not isinstance(message, wire.Token):
+                self.emit(message)
 
     def _prefill_allowance(self) -> int:
         """Prompt tokens this tick may carry besides its decodes: what fits in PREFILL_SHARE of a
@@ -376,6 +406,9 @@ class Batcher:
                                          else 0.8 * self._prefill_s_per_token + 0.2 * per_token)
 
     def _sample(self, seq: Sequence, token: int, piece: bytes, end: bool) -> None:
+        if token < 0:  # DEAD_END: its grammar allows no token at all here (a grammar no text can finish)
+            return self._finish(seq, error=InvalidInput(
+                f"the grammar allows no token after {seq.generated} generated token(s): it cannot be completed"))
         if end:
             return self._finish(seq, "stop")
         seq.generated += 1
@@ -394,13 +427,13 @@ class Batcher:
             tail = seq.text.flush()
             if tail:
                 self._send(seq, tail)
-            self.emit(wire.Done(seq.id, seq.prompt_tokens, seq.generated, reason))
+            self._emit(wire.Done(seq.id, seq.prompt_tokens, seq.generated, reason))
         else:
-            self.emit(jobs.failed_message(seq.id, error))
+            self._emit(jobs.failed_message(seq.id, error))
         self._release(seq)
 
     def _send(self, seq: Sequence, text: str) -> None:
-        self.emit(wire.Token(seq.id, text, len(seq.unsent), seq.unsent))
+        self._emit(wire.Token(seq.id, text, len(seq.unsent), seq.unsent))
         seq.unsent = []
 
     def _release(self, seq: Sequence) -> None:

@@ -21,6 +21,7 @@ class PoolEngine:
     def __init__(self, broker: Broker, models: Mapping[str, ModelSpec]) -> None:
         self.broker = broker
         self._models = {name: spec.n_ctx for name, spec in models.items()}
+        self._purposes = {name: spec.purpose for name, spec in models.items()}
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -29,6 +30,9 @@ class PoolEngine:
 
     def models(self) -> Mapping[str, int]:
         return self._models
+
+    def purposes(self) -> Mapping[str, str]:
+        return self._purposes
 
     def _on_loop(self, fn: Callable[[], Any], timeout_s: float = 10.0) -> Any:
         if self.loop is None:
