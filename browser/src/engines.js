@@ -213,6 +213,14 @@ export class EngineRouter {
       if (!this.local) throw wasiError("runtime_error", this.current.reason);
     }
     if (!this.local) return this.remote.generate(model, prompt, messages, params);
+    if (params?.json_schema) {
+      // The page has no schema converter: the gateway turns a schema into a grammar (llama.cpp's own
+      // converter), so this call goes to the pool. A plain GBNF grammar runs locally (wllama has it).
+      const reason = "a JSON schema is turned into a grammar by the gateway: this call is served by the pool";
+      if (this.policy === "local") throw wasiError("runtime_error", `local inference cannot take a JSON schema: ${reason}`);
+      this.emit("fallback", { from: "local", to: "remote", reason, resumed_chars: 0 });
+      return this.remote.generate(model, prompt, messages, params);
+    }
     let gen;
     try {
       gen = await this.local.generate(model, prompt, messages, params);
@@ -269,6 +277,7 @@ export function params(p) {
     max_tokens: p.maxTokens, temperature: p.temperature, top_k: p.topK, top_p: p.topP,
     repeat_penalty: p.repeatPenalty, repeat_last_n: p.repeatPenaltyLastNTokenCount,
     stop: p.stop ?? [], seed: p.seed === undefined ? null : Number(p.seed),
+    json_schema: p.jsonSchema ?? null, grammar: p.grammar ?? null,
   };
 }
 

@@ -77,6 +77,7 @@ export class LocalEngine {
       temperature: params.temperature ?? 0.8, top_k: params.top_k ?? 40, top_p: params.top_p ?? 0.9,
       repeat_penalty: params.repeat_penalty ?? 1.1, repeat_last_n: params.repeat_last_n ?? 64,
       stop: params.stop?.length ? params.stop : undefined, seed: params.seed ?? undefined,
+      grammar: params.grammar ?? undefined,  // GBNF, llama.cpp's grammar sampler inside wllama
       onData: (chunk) => {
         const choice = chunk.choices?.[0];
         const text = messages ? choice?.delta?.content : choice?.text;

@@ -7,6 +7,7 @@ from . import llm
 from .errors import (
     InferenceTimeout,
     InvalidInput,
+    InvalidOutput,
     LLMError,
     ModelNotSupported,
     Overloaded,
@@ -19,6 +20,7 @@ __all__ = [
     "HTTPError",
     "InferenceTimeout",
     "InvalidInput",
+    "InvalidOutput",
     "LLMError",
     "ModelNotSupported",
     "Overloaded",

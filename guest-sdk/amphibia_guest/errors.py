@@ -40,6 +40,13 @@ class Overloaded(LLMError):
         self.retry_after = retry_after_ms / 1000.0
 
 
+class InvalidOutput(LLMError):
+    """A constrained answer that does not parse: it was cut short (max_tokens) before the schema ended."""
+
+    status = 502
+    type = "invalid_output"
+
+
 class InferenceTimeout(LLMError):
     status = 504
     type = "timeout"

@@ -4,10 +4,13 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import json
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from .errors import InvalidInput, LLMError, RuntimeFailure, from_wit
+from .errors import InvalidInput, InvalidOutput, LLMError, RuntimeFailure, from_wit
+from .schema import json_schema_of, value_of
 
 # Spin's defaults; the host applies the same ones when an app passes no parameters at all.
 DEFAULTS = {
@@ -30,9 +33,21 @@ class Usage:
 class Completion:
     text: str
     usage: Usage
+    schema: Any = field(default=None, repr=False)  # what `schema=` asked for, if anything
 
     def __str__(self) -> str:
         return self.text
+
+    @functools.cached_property
+    def value(self) -> Any:
+        """The text parsed as JSON, built as the `schema=` type asked for (a dataclass comes back as
+        one). The host constrained the output to the schema; only an answer cut short by
+        `max_tokens` fails to parse, and that raises InvalidOutput with the text."""
+        try:
+            data = json.loads(self.text)
+        except ValueError as exc:
+            raise InvalidOutput(f"the answer is not complete JSON ({exc}); raise max_tokens? text: {self.text[:200]!r}") from None
+        return value_of(self.schema, data) if self.schema is not None else data
 
 
 def _bindings() -> Any:
@@ -58,7 +73,7 @@ def _params(options: Mapping[str, Any]) -> Any:
     given = {k: v for k, v in options.items() if v is not None}
     if not given:
         return None
-    unknown = set(given) - set(DEFAULTS) - {"stop", "seed"}
+    unknown = set(given) - set(DEFAULTS) - {"stop", "seed", "schema", "grammar"}
     if unknown:
         raise TypeError(f"unknown llm parameter(s): {', '.join(sorted(unknown))}")
     values = {**DEFAULTS, **given}
@@ -79,6 +94,8 @@ def _params(options: Mapping[str, Any]) -> Any:
         top_p=float(values["top_p"]),
         stop=list(stop),
         seed=None if values.get("seed") is None else int(values["seed"]),
+        json_schema=None if values.get("schema") is None else json.dumps(json_schema_of(values["schema"])),
+        grammar=values.get("grammar"),
     )
 
 
@@ -100,10 +117,11 @@ def _messages(messages: Iterable[Mapping[str, str] | Sequence[str]]) -> list[Any
     return out
 
 
-def _completion(result: Any) -> Completion:
+def _completion(result: Any, schema: Any = None) -> Completion:
     return Completion(
         text=result.text,
         usage=Usage(result.usage.prompt_token_count, result.usage.generated_token_count),
+        schema=schema,
     )
 
 
@@ -119,13 +137,16 @@ def _stream(stream: Any) -> Iterator[str]:
 
 
 def infer(prompt: str, model: str | None = None, **options: Any) -> Completion:
-    """Complete `prompt` as plain text (no chat template)."""
-    return _completion(_call(_bindings().infer, model or "", prompt, _params(options)))
+    """Complete `prompt` as plain text (no chat template). `schema=` (a JSON schema dict, or a type:
+    a dataclass, a TypedDict, list[...] of them ...) or `grammar=` (GBNF text) constrains the output;
+    with a schema, `out.value` is the parsed answer."""
+    return _completion(_call(_bindings().infer, model or "", prompt, _params(options)), options.get("schema"))
 
 
 def chat(messages: Iterable[Mapping[str, str] | Sequence[str]], model: str | None = None, **options: Any) -> Completion:
-    """Answer a conversation; the host applies the model's own chat template."""
-    return _completion(_call(_bindings().chat, model or "", _messages(messages), _params(options)))
+    """Answer a conversation; the host applies the model's own chat template. `schema=` and `grammar=`
+    as for `infer`."""
+    return _completion(_call(_bindings().chat, model or "", _messages(messages), _params(options)), options.get("schema"))
 
 
 def stream(prompt: str, model: str | None = None, **options: Any) -> Iterator[str]:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import amphibia_guest
 
+from .contract import WIT_DIR, interface
 from .errors import BuildError
 
 WORLD = "app"
 ENTRY_MODULE = "amphibia_guest.entry"
 SDK_DIR = Path(amphibia_guest.__file__).resolve().parent
-WIT_DIR = SDK_DIR.parent / "wit"
 SKIP = {"__pycache__", ".amphibia", "build", ".git"}
 SERVING_ONLY = {"app.toml"}  # configures how an app is served (name, limits, ...), not its component
 BROWSER_DIR = SDK_DIR.parent.parent / "browser"  # package.json pins jco; `make` runs npm ci there
@@ -240,7 +240,7 @@ def build(app_dir: str | Path, out_dir: str | Path | None = None, name: str | No
         digest = _sha256(tmp_wasm)
         manifest = {
             "name": name or app_dir.name,
-            "world": f"amphibia:ai/{WORLD}@0.1.0",
+            "world": interface(WORLD),
             "source_sha256": src,
             "wasm_sha256": digest,
             "wasm_bytes": tmp_wasm.stat().st_size,
@@ -274,7 +274,7 @@ def transpile_for_browser(wasm: Path, out: Path) -> dict | None:
     base = [str(jco), "transpile", str(wasm), "-q", "-I", "async"]
     jspi = ["--async-mode", "jspi", "--async-exports", "handle"]
     for name in LLM_IMPORTS:
-        jspi += ["--async-imports", f"amphibia:ai/llm@0.1.0#{name}"]
+        jspi += ["--async-imports", f"{interface('llm')}#{name}"]
     for args, target in ((jspi, out), ([], out / "sync")):
         proc = _run([*base, *args, "-o", str(target)])
         if proc.returncode != 0:

@@ -154,10 +154,10 @@ class Outcome:
 
 async def complete(client: httpx.AsyncClient, server: Server, app: str, max_tokens: int,
                    on_token: Callable[[str], None] | None = None, prompt: str = PROMPT,
-                   messages: list[dict] | None = None) -> Outcome:
+                   messages: list[dict] | None = None, extra: dict | None = None) -> Outcome:
     headers = {"authorization": f"Bearer key-{app}"} if server.keyed else {}
     body: dict = {"model": "smollm2", "max_tokens": max_tokens, "stream": True,
-                  "stream_options": {"include_usage": True}, **PINNED}
+                  "stream_options": {"include_usage": True}, **PINNED, **(extra or {})}
     if messages is not None:
         body["messages"], path = messages, "/v1/chat/completions"
     else:
@@ -340,6 +340,55 @@ async def fairness(server: Server, seconds: float) -> dict:
     return {"jain": round(jain, 3), "tokens_per_app": tokens, "in_flight_per_app": loads}
 
 
+# A record each of 16 users asks for at once: constrained output against the same load unconstrained.
+RECORD = {"type": "array", "minItems": 3, "maxItems": 3, "items": {
+    "type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                     "year": {"type": "integer", "minimum": 1000, "maximum": 2100},
+                                     "field": {"enum": ["physics", "chemistry", "mathematics", "biology", "other"]}},
+    "required": ["name", "year", "field"], "additionalProperties": False}}
+RECORD_ASK = [{"role": "user", "content": "List three famous scientists as JSON: name, a year of a discovery, field."}]
+
+
+async def constrained(server: Server, clients: int, max_tokens: int = 96) -> dict:
+    """Aggregate tokens/s of `clients` schema-constrained chat requests against the same number
+    unconstrained, and the share of constrained answers that parse and validate."""
+    async with new_client(600, 100) as client:
+        await complete(client, server, "t", 4, messages=RECORD_ASK)  # warm-up
+        runs = {}
+        # Schema first; then the same number of tokens per request unconstrained, so the two runs do
+        # the same amount of decoding and differ only by the grammar.
+        for kind, extra in (("schema", {"response_format": {
+                "type": "json_schema", "json_schema": {"name": "record", "schema": RECORD}}}), ("plain", None)):
+            if kind == "plain":
+                max_tokens = max(1, round(statistics.mean(o.tokens for o in runs["schema"][1])))
+            started = time.perf_counter()
+            outs = await asyncio.gather(*(complete(client, server, "t", max_tokens, messages=RECORD_ASK, extra=extra)
+                                          for _ in range(clients)))
+            wall = time.perf_counter() - started
+            runs[kind] = (sum(o.tokens for o in outs) / wall, outs)
+    valid = sum(1 for o in runs["schema"][1] if _validates(o.text, RECORD))
+    return {"plain_tok_s": round(runs["plain"][0], 1), "schema_tok_s": round(runs["schema"][0], 1),
+            "ratio": round(runs["schema"][0] / runs["plain"][0], 2) if runs["plain"][0] else None,
+            "valid_rate": round(valid / clients, 3), "tokens_per_request": max_tokens,
+            "example": runs["schema"][1][0].text}
+
+
+def _validates(text: str, schema: dict) -> bool:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    try:
+        import jsonschema  # installed with the test and notebook extras; parsing alone counts elsewhere
+    except ImportError:
+        return True
+    try:
+        jsonschema.validate(value, schema)
+        return True
+    except jsonschema.ValidationError:
+        return False
+
+
 def in_process(server: Server, reps: int, max_tokens: int = 64) -> dict:
     """The same greedy generation through the pool and in this process (median of `reps`), and one
     full-batch decode step (all slots generating) of the same model and context shape."""
@@ -428,6 +477,8 @@ def run(quick: bool, say, warn) -> dict:
                 say(f"{server.name}: fairness ({fair_s} s)")
                 results.setdefault("fairness", {})[server.name] = asyncio.run(fairness(server, fair_s))
                 if server.name == "amphibia":
+                    say(f"amphibia: constrained output ({SLOTS} schema requests vs {SLOTS} plain)")
+                    results["constrained"] = asyncio.run(constrained(server, SLOTS))
                     say("amphibia: overhead vs in-process, one full-batch step")
                     results["in_process"] = in_process(server, reps)
             finally:
@@ -458,6 +509,7 @@ def summary(quick: bool, tokens: int, r: dict, warn) -> dict:
         "fairness": {"jain": f[ours]["jain"], "llama_cpp_server_jain": f[second]["jain"],
                      "amphibia": f[ours], "llama_cpp_server": f[second]},
         "overhead_pct": r["in_process"]["overhead_pct"], "overhead": r["in_process"],
+        "constrained": r["constrained"],
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
     }
     if peer is not None:

@@ -15,11 +15,14 @@ from starlette.routing import Route
 
 from ..errors import AmphibiaError, InvalidInput
 from ..inference.stream import AsyncTokenStream
+from . import openai_tools
 from .gateway import gateway_of
 from .llm_api import authenticate, begin, collect, embed, mapped_params, requested_model, usage_json
 
 OPENAI_PARAMS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                 "repeat_penalty": "repeat_penalty", "seed": "seed"}
+                 "repeat_penalty": "repeat_penalty", "seed": "seed",
+                 # llama.cpp's server's extensions, on both endpoints: constrain the output directly
+                 "json_schema": "json_schema", "grammar": "grammar"}
 
 
 def _params(data: dict) -> dict[str, Any]:
@@ -65,20 +68,39 @@ async def chat_completions(request: Request) -> Response:
     messages = data.get("messages")
     if not isinstance(messages, list):
         raise InvalidInput("'messages' must be a list")
-    messages = [{"role": m.get("role"), "content": _content(m.get("content"))} if isinstance(m, dict) else m
-                for m in messages]
+    messages = [{**m, "content": _content(m.get("content"))} if isinstance(m, dict) else m for m in messages]
+    wanted = openai_tools.plan(data, messages)
+    messages = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m
+                for m in wanted.messages]
     generation = gateway.service.generation(app, model=requested_model(data), messages=messages,
-                                            params=_params(data))
+                                            params={**_params(data), **wanted.params})
     stream = gateway.service.astream(app, generation)
     model, rid, created = generation.model, f"chatcmpl-{uuid.uuid4().hex[:20]}", int(time.time())
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     if data.get("stream"):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+        held: list[str] = []  # with tools: text held back while it may still be a call
+        plain = [wanted.calls == "none"]  # known to be a text answer: stream it as it comes
 
         def chunk(kind: str, value: Any) -> list[dict]:
             if kind == "token":
+                if not plain[0]:
+                    held.append(value)
+                    text = "".join(held)
+                    if not text.strip() or text.lstrip().startswith("{"):
+                        return []  # a call is sent whole, as one delta, once it has ended
+                    held.clear()
+                    plain[0], value = True, text
                 return [{**base, "choices": [{"index": 0, "delta": {"content": value}, "finish_reason": None}]}]
-            out = [{**base, "choices": [{"index": 0, "delta": {}, "finish_reason": value.finish_reason}]}]
+            out, reason = [], value.finish_reason
+            call = openai_tools.tool_call(wanted, "".join(held)) if held else None
+            if call is not None:
+                out.append({**base, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, **call}]},
+                                                 "finish_reason": None}]})
+                reason = "tool_calls"
+            elif held:
+                out.append({**base, "choices": [{"index": 0, "delta": {"content": "".join(held)}, "finish_reason": None}]})
+            out.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]})
             if include_usage:
                 out.append({**base, "choices": [], "usage": usage_json(value.usage)})
             return out
@@ -86,10 +108,14 @@ async def chat_completions(request: Request) -> Response:
         role = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
         return _sse(stream, chunk, (role,))
     out = await collect(request, stream)
+    call = openai_tools.tool_call(wanted, out.text)
+    message: dict[str, Any] = {"role": "assistant", "content": out.text}
+    if call is not None:
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
     return JSONResponse({
         "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                     "finish_reason": out.finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": "tool_calls" if call is not None else out.finish_reason}],
         "usage": usage_json(out.usage),
     })
 

@@ -2,6 +2,7 @@
 every engine, the broker and the wire build from, so nothing downstream validates again."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -14,7 +15,7 @@ CALL_METHODS: tuple[str, ...] = ("embed", "tokenize", "detokenize")
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Spin's defaults, plus stop strings and a seed."""
+    """Spin's defaults, plus stop strings, a seed and constrained output."""
 
     max_tokens: int = 100
     temperature: float = 0.8
@@ -24,6 +25,10 @@ class SamplingParams:
     repeat_last_n: int = 64
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Constrained output: a JSON schema (JSON text) or a GBNF grammar. The inference service turns a
+    # schema into a grammar (`grammar.py`), so engines and the wire only ever see `grammar`.
+    json_schema: str | None = None
+    grammar: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SamplingParams":
@@ -34,7 +39,12 @@ class SamplingParams:
             if name not in data or data[name] is None:
                 continue
             value = data[name]
-            if name == "stop":
+            if name in ("json_schema", "grammar"):
+                if name == "json_schema" and isinstance(value, dict):
+                    value = json.dumps(value)
+                if not isinstance(value, str):
+                    raise InvalidInput(f"invalid params: {name} must be {'a JSON schema' if name == 'json_schema' else 'GBNF text'}")
+            elif name == "stop":
                 if isinstance(value, str):
                     value = [value]
                 if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
@@ -79,6 +89,8 @@ class SamplingParams:
             raise bad("seed must fit in a u64")
         if self.max_tokens >= 2**32 or self.top_k >= 2**32 or self.repeat_last_n >= 2**32:
             raise bad("max_tokens, top_k and repeat_last_n must fit in a u32")
+        if self.json_schema is not None and self.grammar is not None:
+            raise bad("give json_schema or grammar, not both")
         return self
 
 

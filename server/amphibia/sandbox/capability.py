@@ -8,7 +8,7 @@ from wasmtime.component import LinkerInstance
 
 
 class HostCapability(Protocol):
-    #: The WIT interface it implements, e.g. "amphibia:ai/llm@0.1.0".
+    #: The WIT interface it implements, e.g. "amphibia:ai/llm@0.2.0" (`contract.interface("llm")`).
     interface: str
 
     def add_to_linker(self, root: LinkerInstance) -> None: ...

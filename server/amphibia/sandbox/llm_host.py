@@ -12,12 +12,13 @@ from typing import Any, Callable
 from wasmtime.component import LinkerInstance, Record, ResourceHost, ResourceType, Variant
 
 from .. import errors
+from ..contract import interface
 from ..inference.service import InferenceService
 from ..inference.stream import TokenStream
 from ..inference.types import Generation, SamplingParams
 from .context import RequestContext, current
 
-INTERFACE = "amphibia:ai/llm@0.1.0"
+INTERFACE = interface("llm")
 TOKEN_STREAM = 1  # our host-defined resource type id for `token-stream`
 log = logging.getLogger("amphibia.llm")
 
@@ -51,6 +52,8 @@ def params_from_wit(params: Any) -> SamplingParams:
         repeat_last_n=get("repeat-penalty-last-n-token-count"),
         stop=tuple(get("stop")),
         seed=get("seed"),
+        json_schema=get("json-schema"),
+        grammar=get("grammar"),
     )
 
 

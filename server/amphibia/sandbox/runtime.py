@@ -28,6 +28,7 @@ import wasmtime
 from wasmtime.component import Component, Linker, Record
 
 from ..config import AppSpec
+from ..contract import interface
 from ..errors import AmphibiaError, Busy, ClientGone, GuestError, GuestOutOfMemory, GuestTimeout
 from . import wit_values
 from .capability import HostCapability
@@ -37,7 +38,7 @@ from .instances import SPARE_DEADLINE_TICKS, GuestOutput, Sandbox, Spares, insta
 log = logging.getLogger("amphibia.runtime")
 
 TICK_S = 0.01  # epoch length: the CPU deadline's resolution
-WORLD_TYPES = ("amphibia:ai/http@0.1.0",)  # type-only interfaces of the world: empty instances
+WORLD_TYPES = (interface("http"),)  # type-only interfaces of the world: empty instances
 
 
 @dataclass
