@@ -244,7 +244,10 @@ class LlamaModel:
         by_count: dict[int, list[int]] = {}  # sequences taking the same number of tokens decode together
         for idx in per_slot.values():
             by_count.setdefault(len(idx), []).extend(idx)
-        groups = [sorted(idx) for _, idx in sorted(by_count.items())]
+        # Within a group, sequences in slot order: given them in another order (the batcher's order is
+        # admission order), llama.cpp's split of a batch over KV streams ran 16 single-token decodes
+        # at 180 ms instead of 75 ms (measured: every second burst of 16 arrivals ran at half speed).
+        groups = [sorted(idx, key=lambda i: (feeds[i][0], feeds[i][2])) for _, idx in sorted(by_count.items())]
         picked: dict[int, tuple[int, bytes, bool]] = {}
         for group in groups:
             self._decode(self.ctx, [feeds[i] for i in group])
