@@ -277,3 +277,38 @@ def test_the_page_switches_engines(page: Page) -> None:
         return seen;
     }""")
     assert out == ["remote", "local", "remote"]
+
+
+def test_an_app_streams_its_answer_in_the_page(page: Page, pool: Pool) -> None:
+    """`app.fetch()` gives a Response whose body is a ReadableStream: the chat example's server-sent
+    events arrive piece by piece, over the bridge and with the local engine alike."""
+    payload = {"messages": FRANCE, "temperature": 0, "max_tokens": 32, "stream": True}
+    out = page.evaluate("""async (body) => {
+        const { load } = await import("/amphibia/amphibia.js");
+        const results = [];
+        for (const engine of ["remote", "local"]) {
+            const app = await load("/apps/chat/", { engine });
+            if (engine === "local") await app.localReady;
+            const res = await app.fetch(new Request(location.origin + "/", { method: "POST", body,
+                headers: { "content-type": "application/json" } }));
+            const reader = res.body.getReader();
+            const decoder = new TextDecoder();
+            let text = "", reads = 0;
+            for (;;) {
+                const { value, done } = await reader.read();
+                if (done) break;
+                reads += 1;
+                text += decoder.decode(value, { stream: true });
+            }
+            results.push({ engine: app.engine, type: res.headers.get("content-type"), status: res.status, reads, text });
+            app.close();
+        }
+        return results;
+    }""", json.dumps(payload))
+    for result in out:
+        assert result["status"] == 200 and result["type"].startswith("text/event-stream"), result
+        assert result["reads"] > 3, result  # pieces, not one whole body
+        data = [json.loads(line[6:]) for line in result["text"].splitlines() if line.startswith("data: ")]
+        tokens = "".join(d["token"] for d in data if "token" in d)
+        assert data[-1]["reply"] == tokens.strip() and "Paris" in tokens, result
+    assert [r["engine"] for r in out] == ["remote", "local"]

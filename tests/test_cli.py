@@ -129,6 +129,8 @@ def test_bench_pool_quick_prints_the_promised_keys() -> None:
     hops = result["ttft_solo"]["timeline_ms"]
     assert {"queue", "admission", "prefill", "http_and_sse"} <= hops.keys() and hops["prefill"] > 0
     assert result["texts_identical"]["llama_cpp.server"] is True  # pinned greedy: the same text
+    assert result["constrained"]["valid_rate"] == 1.0 and result["constrained"]["ratio"] > 0
+    assert result["stream_ttfb_ms"] > 0 and result["stream"]["api_ttft_ms"] > 0
 
 
 def test_bench_chaos_quick_accounts_for_every_request() -> None:

@@ -147,3 +147,24 @@ def wait_until(condition, what: str, timeout: float = 180):
             return value
         time.sleep(0.2)
     pytest.fail(f"timed out waiting for {what}")
+
+
+def test_a_last_build_for_another_contract_is_not_served_meanwhile(tmp_path: Path) -> None:
+    """After an upgrade that changes the WIT world, the last build cannot link: the app waits for its
+    new build (503 building) rather than serve one that traps on every request."""
+    import json
+
+    from amphibia.build import build_in_store
+    from amphibia.http.gateway import survey
+    from amphibia.store import remember_served
+
+    spec = discover_apps(EXAMPLES / "tokens")["tokens"]
+    result = build_in_store(spec.path, tmp_path / "store", name=spec.name)
+    copy = tmp_path / "store" / "copy"  # (the build may be the app folder's own: never edit that one)
+    shutil.copytree(result.wasm.parent, copy)
+    remember_served(tmp_path / "store", [(spec.name, spec.path, copy)])
+    assert survey([spec], tmp_path / "store")[spec.name].previous is not None
+    manifest_path = copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "world": "amphibia:ai/app@0.0.1"}))
+    assert survey([spec], tmp_path / "store")[spec.name].previous is None

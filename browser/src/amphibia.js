@@ -61,6 +61,7 @@ class App extends EventTarget {
   #worker = null;
   #created = performance.now();
   #calls = new Map();
+  #streams = new Map(); // handle call id -> where its streamed head and pieces go
   #nextId = 1;
 
   #control = null; // MessagePort to the engine router: its events, and controls such as stopLocal
@@ -74,7 +75,15 @@ class App extends EventTarget {
       if (data.error) call.reject(Object.assign(new Error(data.error.message), data.error));
       else call.resolve(data.result);
     };
-    this.#worker.onmessage = ({ data }) => settle(this.#calls, data);
+    this.#worker.onmessage = ({ data }) => {
+      if (data.stream === undefined) {
+        this.#streams.delete(data.id); // its answer is complete: no more pieces come for it
+        return settle(this.#calls, data);
+      }
+      const sink = this.#streams.get(data.stream); // a streamed answer's head or piece
+      if (data.head) sink?.head(data.head);
+      else sink?.chunk(data.chunk);
+    };
     this.#worker.onerror = (event) => {
       for (const call of this.#calls.values()) call.reject(new Error(event.message || "worker failed"));
       this.#calls.clear();
@@ -98,8 +107,9 @@ class App extends EventTarget {
   }
 
   /** A request on the Worker (`handle`, `init`) or on the control port; replies carry its id. */
-  #request(target, calls, op, args, port) {
+  #request(target, calls, op, args, port, sink) {
     const id = this.#nextId++;
+    if (sink) this.#streams.set(id, sink);
     return new Promise((resolve, reject) => {
       calls.set(id, { resolve, reject });
       target.postMessage({ id, op, args, port }, port ? [port] : []);
@@ -129,21 +139,46 @@ class App extends EventTarget {
     return this.#controlRpc("dropBridge");
   }
 
-  /** Call the app's `handle` export; a guest that trapped is replaced by a fresh instance. */
-  async handle({ method = "GET", path = "/", query = "", headers = {}, body = "" } = {}) {
+  /** Call the app's `handle` export; a guest that trapped is replaced by a fresh instance. A streamed
+   * answer is collected whole here (`onChunk(bytes)` sees each piece as it comes); `fetch` streams it. */
+  async handle({ method = "GET", path = "/", query = "", headers = {}, body = "" } = {}, { onHead, onChunk } = {}) {
     const bytes = typeof body === "string" ? new TextEncoder().encode(body) : new Uint8Array(body);
-    const res = await this.#rpc("handle", { method, path, query, headers: Object.entries(headers), body: bytes });
+    let head = null;
+    const pieces = [];
+    const sink = {
+      head: (h) => { head = h; onHead?.(h); },
+      chunk: (c) => { pieces.push(c); onChunk?.(c); },
+    };
+    const args = { method, path, query, headers: Object.entries(headers), body: bytes };
+    let res = await this.#request(this.#worker, this.#calls, "handle", args, undefined, sink);
+    if (res.streamed && head) {
+      const whole = new Uint8Array(pieces.reduce((n, p) => n + p.length, 0));
+      pieces.reduce((at, p) => (whole.set(p, at), at + p.length), 0);
+      res = { status: head.status, headers: head.headers, body: whole, streamed: true };
+    }
     return { ...res, text: () => new TextDecoder().decode(res.body), json: () => JSON.parse(new TextDecoder().decode(res.body)) };
   }
 
-  /** The same, with the Fetch API's Request and Response. */
+  /** The same with the Fetch API's Request and Response: a streamed answer's body is a ReadableStream
+   * that gets each piece as the app writes it. */
   async fetch(request) {
     const url = new URL(request.url, location.href);
-    const res = await this.handle({
+    const args = {
       method: request.method, path: url.pathname, query: url.search.slice(1),
       headers: Object.fromEntries(request.headers), body: await request.arrayBuffer(),
+    };
+    return new Promise((resolve, reject) => {
+      let controller = null;
+      const body = new ReadableStream({ start: (c) => { controller = c; } });
+      const done = this.handle(args, {
+        onHead: (head) => resolve(new Response(body, { status: head.status, headers: head.headers })),
+        onChunk: (chunk) => controller.enqueue(chunk),
+      });
+      done.then((res) => {
+        if (res.streamed) controller.close();
+        else resolve(new Response(res.body, { status: res.status, headers: res.headers }));
+      }, (err) => { try { controller.error(err); } catch {} reject(err); });
     });
-    return new Response(res.body, { status: res.status, headers: res.headers });
   }
 
   close() {
@@ -180,17 +215,48 @@ class AmphibiaAppElement extends HTMLElement {
       let tokens = 0;
       app.addEventListener("engine", () => { if (!send.disabled) showEngine(); });
       app.addEventListener("fallback", (e) => { output.textContent += ` [${e.detail.from} failed: finishing on ${e.detail.to}] `; });
-      app.addEventListener("token", (e) => { tokens += 1; output.textContent += e.detail.text; });
+      let live = true; // engine tokens are shown until the app's own streamed answer takes over
+      app.addEventListener("token", (e) => { tokens += 1; if (live) output.textContent += e.detail.text; });
       send.onclick = async () => {
         send.disabled = true;
         output.textContent = "";
         tokens = 0;
+        live = true;
         const started = performance.now();
         try {
-          const res = await app.handle({ method: "POST", path: this.getAttribute("path") || "/", body: input.value });
+          // Ask for a stream: an app that streams (chat does on `accept: text/event-stream`) is shown
+          // piece by piece as its events arrive, whichever engine serves it; others answer whole.
+          let streamed = "", sse = false, pending = "";
+          const decoder = new TextDecoder();
+          const res = await app.handle({ method: "POST", path: this.getAttribute("path") || "/", body: input.value,
+                                          headers: { accept: "text/event-stream" } }, {
+            onHead: (head) => {
+              sse = head.headers.some(([k, v]) => k.toLowerCase() === "content-type" && v.startsWith("text/event-stream"));
+              if (sse) { live = false; output.textContent = ""; }
+            },
+            onChunk: (chunk) => {
+              if (!sse) return;
+              pending += decoder.decode(chunk, { stream: true });
+              const events = pending.split("\n\n");
+              pending = events.pop();
+              for (const event of events) {
+                const data = event.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+                try {
+                  const value = JSON.parse(data);
+                  if (value.token !== undefined) streamed += value.token;
+                  else if (value.error) streamed += ` [${value.error.type}: ${value.error.message}]`;
+                } catch {}
+                output.textContent = streamed;
+              }
+            },
+          });
           let text = res.text();
-          try { text = JSON.parse(text).reply ?? JSON.stringify(JSON.parse(text), null, 2); } catch {}
-          output.textContent = text;
+          if (!sse) {
+            try { text = JSON.parse(text).reply ?? JSON.stringify(JSON.parse(text), null, 2); } catch {}
+            output.textContent = text;
+          } else {
+            output.textContent = streamed.trim();
+          }
           const seconds = (performance.now() - started) / 1000;
           status.textContent = `engine: ${app.engine} (${app.reason}) · ${res.status} · ${tokens} tokens · ${(tokens / seconds).toFixed(1)} tokens/s`;
         } catch (err) {

@@ -28,7 +28,8 @@ async function instantiate() {
   const script = config.mode === "sync" ? "app.sync.js" : "app.js";
   const [mod, shim] = await Promise.all([import(`${config.base}${script}`), import(config.shim)]);
   t = mark("import_ms", t);
-  const imports = { ...wasiImports(shim), "amphibia:ai/llm": llm, "amphibia:ai/http": {} };
+  const imports = { ...wasiImports(shim), "amphibia:ai/llm": llm, "amphibia:ai/http": {},
+                    "amphibia:ai/response-stream": responseStream };
   const getCoreModule = (path) => {
     if (!compiled.has(path)) compiled.set(path, compile(path));
     return compiled.get(path);
@@ -37,6 +38,22 @@ async function instantiate() {
   mark("compile_and_instantiate_ms", t);
   return result;
 }
+
+// A streamed answer (the app's `response-stream` imports): status and headers, then each piece, go
+// to the page as they come, tagged with the `handle` call they belong to (one call runs at a time).
+let answering = null; // { id, started } of the `handle` call running now
+const responseStream = {
+  start(status, headers) {
+    if (!answering || answering.started) throw new Error("start outside a request, or twice");
+    answering.started = true;
+    self.postMessage({ stream: answering.id, head: { status, headers } });
+  },
+  write(chunk) {
+    if (!answering?.started) throw new Error("write before start");
+    const copy = chunk.slice(); // the guest's memory is not ours to hand over
+    self.postMessage({ stream: answering.id, chunk: copy }, [copy.buffer]);
+  },
+};
 
 const ops = {
   async init(args, port) {
@@ -64,14 +81,17 @@ const ops = {
     instance = await instantiate();
     return { ...current, mode: config.mode, crossOriginIsolated: self.crossOriginIsolated, timings };
   },
-  async handle(req) {
+  async handle(req, _port, id) {
     const run = async () => {
+      answering = { id, started: false };
       try {
         const res = await instance.handle(req);
-        return { status: res.status, headers: res.headers, body: res.body };
+        return { status: res.status, headers: res.headers, body: res.body, streamed: answering.started };
       } catch (err) {
         instance = await instantiate(); // a trapped instance is unusable: start a fresh one
         throw err;
+      } finally {
+        answering = null;
       }
     };
     const result = turn.then(run);
@@ -82,7 +102,7 @@ const ops = {
 
 self.onmessage = async ({ data }) => {
   try {
-    self.postMessage({ id: data.id, result: await ops[data.op](data.args, data.port) });
+    self.postMessage({ id: data.id, result: await ops[data.op](data.args, data.port, data.id) });
   } catch (err) {
     self.postMessage({ id: data.id, error: { message: String(err?.message ?? err), payload: err?.payload } });
   }

@@ -1,4 +1,7 @@
-"""Chat with history: POST {"messages": [{"role": "user", "content": "..."}], ...} or plain text."""
+"""Chat with history: POST {"messages": [{"role": "user", "content": "..."}], ...} or plain text.
+
+Streams its answer as server-sent events when asked (`Accept: text/event-stream`, or `"stream": true`):
+`curl -N -H 'accept: text/event-stream' -d 'Hi' http://127.0.0.1:8000/apps/chat/`."""
 from amphibia_guest import App, HTTPError, Request, Response, llm
 
 app = App()
@@ -30,6 +33,8 @@ def chat(req: Request) -> Response:
     if req.method == "GET":
         return Response.json({"usage": "POST {'messages': [{'role': 'user', 'content': 'Hi'}]} or plain text"})
     messages, options = conversation(req)
+    if _wants_stream(req):  # server-sent events: a `token` event per piece, then `done` with the reply
+        return Response.sse(_events(messages, options))
     out = llm.chat(messages, **options)
     return Response.json({
         "reply": out.text.strip(),
@@ -44,3 +49,20 @@ def stream(req: Request) -> Response:
     messages, options = conversation(req)
     pieces = list(llm.chat_stream(messages, **options))
     return Response.json({"reply": "".join(pieces).strip(), "pieces": len(pieces)})
+
+
+def _wants_stream(req: Request) -> bool:
+    if "text/event-stream" in req.headers.get("accept", ""):
+        return True
+    if req.headers.get("content-type", "").startswith("application/json"):
+        data = req.json()
+        return isinstance(data, dict) and data.get("stream") is True
+    return False
+
+
+def _events(messages: list[dict], options: dict):
+    pieces = []
+    for piece in llm.chat_stream(messages, **options):
+        pieces.append(piece)
+        yield {"token": piece}
+    yield ("done", {"reply": "".join(pieces).strip()})

@@ -6,7 +6,7 @@ import re
 import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import parse_qs
 
 from .errors import LLMError, Overloaded
@@ -45,6 +45,23 @@ class Response:
     status: int = 200
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
+    # A streamed body: the host sends status and headers first, then each piece as it comes.
+    chunks: Iterable[bytes | str] | None = None
+
+    @classmethod
+    def stream(cls, chunks: Iterable[bytes | str], content_type: str = "text/plain; charset=utf-8",
+               status: int = 200, headers: dict[str, str] | None = None) -> "Response":
+        """A body sent piece by piece as `chunks` yields them (str pieces are sent as UTF-8). An
+        exception midway ends the body there (the client sees it cut short; the log has the traceback)."""
+        return cls(status, [("content-type", content_type), *(headers or {}).items()], b"", iter(chunks))
+
+    @classmethod
+    def sse(cls, events: Iterable[Any], status: int = 200, headers: dict[str, str] | None = None) -> "Response":
+        """Server-sent events: each item becomes one event, `data: <JSON>` (a str is sent as it is, a
+        `(name, data)` pair as `event: name`). An exception midway becomes a last `event: error` whose
+        data is `{"error": {"type", "message"}}`, and the stream ends cleanly."""
+        return cls(status, [("content-type", "text/event-stream"), ("cache-control", "no-cache"),
+                            *(headers or {}).items()], b"", _sse(events))
 
     @classmethod
     def bytes(cls, body: bytes, status: int = 200, content_type: str = "application/octet-stream",
@@ -67,6 +84,25 @@ class Response:
     def error(cls, status: int, type: str, message: str, headers: dict[str, str] | None = None) -> "Response":
         """The error shape every Amphibia host uses: `{"error": {"type", "message"}}`."""
         return cls.json({"error": {"type": type, "message": message}}, status, headers)
+
+
+def _sse(events: Iterable[Any]) -> Iterator[str]:
+    def event(data: Any, name: str | None = None) -> str:
+        text = data if isinstance(data, str) else _json.dumps(data)
+        lines = "".join(f"data: {line}\n" for line in text.split("\n"))
+        return (f"event: {name}\n" if name else "") + lines + "\n"
+
+    try:
+        for item in events:
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                yield event(item[1], item[0])
+            else:
+                yield event(item)
+    except LLMError as exc:
+        yield event({"error": {"type": exc.type, "message": str(exc)}}, "error")
+    except Exception as exc:  # the app's own bug midway: the stream still ends with a clear event
+        traceback.print_exc(file=sys.stderr)
+        yield event({"error": {"type": "guest_exception", "message": f"{type(exc).__name__}: {exc}"}}, "error")
 
 
 class HTTPError(Exception):

@@ -31,6 +31,7 @@ SDK_DIR = Path(amphibia_guest.__file__).resolve().parent
 SKIP = {"__pycache__", ".amphibia", "build", ".git"}
 SERVING_ONLY = {"app.toml"}  # configures how an app is served (name, limits, ...), not its component
 BROWSER_DIR = SDK_DIR.parent.parent / "browser"  # package.json pins jco; `make` runs npm ci there
+STREAM_IMPORTS = ("start", "write")
 LLM_IMPORTS = ("infer", "chat", "infer-stream", "chat-stream", "generate-embeddings", "tokenize", "detokenize",
                "[method]token-stream.next")
 
@@ -275,6 +276,8 @@ def transpile_for_browser(wasm: Path, out: Path) -> dict | None:
     jspi = ["--async-mode", "jspi", "--async-exports", "handle"]
     for name in LLM_IMPORTS:
         jspi += ["--async-imports", f"{interface('llm')}#{name}"]
+    for name in STREAM_IMPORTS:  # a slow reader suspends the app's write in the page too
+        jspi += ["--async-imports", f"{interface('response-stream')}#{name}"]
     for args, target in ((jspi, out), ([], out / "sync")):
         proc = _run([*base, *args, "-o", str(target)])
         if proc.returncode != 0:

@@ -43,7 +43,8 @@ def serve_in_thread(asgi: Any, port: int | None = None, host: str = "127.0.0.1",
     deadline = time.monotonic() + start_timeout_s
     # A gateway answers at once and builds its apps in the background: wait for those too.
     gateway = getattr(getattr(asgi, "state", None), "gateway", None) if wait_for_apps else None
-    while not server.started or (gateway is not None and gateway.building):
+    # (and until apps served by an older build meanwhile have their new one: a test must not reach old code)
+    while not server.started or (gateway is not None and (gateway.building or gateway.updating)):
         if not thread.is_alive() or time.monotonic() > deadline:
             raise AmphibiaError(f"the gateway on {host}:{port} did not start")
         time.sleep(0.05)

@@ -58,7 +58,8 @@ QUESTIONS = ["Is Lisbon warm in March?", "How do I get from Rome to Naples?", "D
              "What currency does Poland use?", "Is Crete good for hiking?", "How far is Bruges from Ghent?",
              "When is carnival in Venice?", "Is Malta crowded in August?", "What is Porto known for?",
              "Are trains in Switzerland punctual?"]
-LLAMA_SERVER = Path(__file__).resolve().parents[3] / ".amphibia" / "llama-server" / "bin" / "llama-server"
+REPO = Path(__file__).resolve().parents[3]
+LLAMA_SERVER = REPO / ".amphibia" / "llama-server" / "bin" / "llama-server"
 
 
 @dataclass
@@ -98,7 +99,10 @@ def start_amphibia(workdir: Path) -> Server:
     (workdir / "amphibia.toml").write_text(
         f"[pool]\ntoken = \"bench\"\nlocal_slots = {SLOTS}\nmax_queue = 1024\n"
         f"[limits]\nmax_concurrent = 128\nmax_queue_wait_s = 600\n"
-        f"[models.smollm2]\nn_ctx = {N_CTX}\nthreads = {THREADS}\nflash_attn = false\n[api_keys]\n{keys}\n")
+        f"[models.smollm2]\nn_ctx = {N_CTX}\nthreads = {THREADS}\nflash_attn = false\n[api_keys]\n{keys}\n"
+        # The chat example, for the streamed-answer scenario; builds are shared with the repository's.
+        f"[server]\nbuild_dir = \"{REPO / '.amphibia' / 'builds'}\"\ncache_dir = \"{REPO / '.amphibia' / 'cache'}\"\n"
+        f"[apps.chat]\npath = \"{REPO / 'examples' / 'chat'}\"\n")
     log = workdir / "amphibia.log"
     proc = subprocess.Popen([sys.executable, "-m", "amphibia.cli", "up", str(workdir / "amphibia.toml"), "--port",
                              str(port), "--log-level", "warning"], stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -226,6 +230,44 @@ async def ttft_solo(server: Server, reps: int) -> dict:
         timeline["http_and_sse"] = round(statistics.mean(ms) - sum(timeline.values()), 2)
         result["timeline_ms"] = timeline
     return result
+
+
+STREAM_ASK = [{"role": "user", "content": "Name three animals that live both in water and on land."}]
+
+
+async def stream_ttfb(server: Server, reps: int) -> dict:
+    """Time to the first body byte of the chat example streaming its answer (server-sent events)
+    through the gateway, against time to first token of the same prompt (the app's system message
+    included) through the OpenAI API: what an app adds on top of the model's own first token."""
+    deadline = time.time() + 300
+    while not any(a["name"] == "chat" for a in httpx.get(server.url + "/api/apps", timeout=10).json()["apps"]):
+        if time.time() > deadline:
+            raise RuntimeError("the chat example did not build")
+        await asyncio.sleep(0.5)
+    system = [{"role": "system", "content": "You are a concise, friendly assistant."}]  # the app's SYSTEM
+    body = json.dumps({"messages": STREAM_ASK, "max_tokens": 8, "temperature": 0}).encode()
+    headers = {"content-type": "application/json", "accept": "text/event-stream"}
+
+    async def first_byte(client: httpx.AsyncClient) -> float:
+        started = time.perf_counter()
+        async with client.stream("POST", server.url + "/apps/chat/", content=body, headers=headers) as res:
+            if res.status_code != 200 or "text/event-stream" not in res.headers.get("content-type", ""):
+                raise RuntimeError(f"chat did not stream: HTTP {res.status_code} {res.headers.get('content-type')}")
+            first = None
+            async for chunk in res.aiter_raw():  # read to the end: the next request finds the slot free
+                if first is None and chunk:
+                    first = time.perf_counter() - started
+        if first is None:
+            raise RuntimeError("the streamed answer had no body")
+        return first
+
+    async with new_client(120, 10) as client:
+        await first_byte(client)  # warm-up: the app's component is mapped, its prefix cached
+        await complete(client, server, "t", 2, messages=system + STREAM_ASK)
+        streamed = [await first_byte(client) * 1000 for _ in range(reps)]
+        api = [(await complete(client, server, "t", 8, messages=system + STREAM_ASK)).ttft * 1000 for _ in range(reps)]
+    return {"stream_ttfb_ms": round(statistics.median(streamed), 1), "api_ttft_ms": round(statistics.median(api), 1),
+            "ratio": round(statistics.median(streamed) / statistics.median(api), 2)}
 
 
 async def throughput(server: Server, clients: int, max_tokens: int) -> dict:
@@ -483,6 +525,8 @@ def run(quick: bool, say, warn) -> dict:
                 say(f"{server.name}: fairness ({fair_s} s)")
                 results.setdefault("fairness", {})[server.name] = asyncio.run(fairness(server, fair_s))
                 if server.name == "amphibia":
+                    say("amphibia: an app's streamed answer, time to first byte vs the API's first token")
+                    results["stream"] = asyncio.run(stream_ttfb(server, 3 * reps))
                     say(f"amphibia: constrained output ({SLOTS} schema requests vs {SLOTS} plain)")
                     results["constrained"] = asyncio.run(constrained(server, SLOTS))
                     say("amphibia: overhead vs in-process, one full-batch step")
@@ -516,6 +560,7 @@ def summary(quick: bool, tokens: int, r: dict, warn) -> dict:
                      "amphibia": f[ours], "llama_cpp_server": f[second]},
         "overhead_pct": r["in_process"]["overhead_pct"], "overhead": r["in_process"],
         "constrained": r["constrained"],
+        "stream_ttfb_ms": r["stream"]["stream_ttfb_ms"], "stream": r["stream"],
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
     }
     if peer is not None:

@@ -5,16 +5,24 @@ One app request: HTTP -> `app_route` -> `Runtime.handle_async` (a fresh instance
 """
 from __future__ import annotations
 
+import asyncio
+import logging
+from typing import AsyncIterator
+
 import jinja2
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from ..config import BROWSER_ENGINES
+from ..errors import ClientGone
+from ..sandbox.context import RequestEnd
+from ..sandbox.response_host import StreamChannel
 from ..sandbox.runtime import HttpRequest
 from .assets import browser_model, version_of
 from .body import read_body, request_id
 from .gateway import component_of, gateway_of, health_problems, progress, served_app
 
+log = logging.getLogger("amphibia.gateway")
 _pages = jinja2.Environment(
     loader=jinja2.PackageLoader("amphibia", "templates"), autoescape=jinja2.select_autoescape(["html"])
 )
@@ -37,12 +45,49 @@ async def app_route(request: Request) -> Response:
     )
     # A client that hangs up ends its request: the guest's inference is cancelled, its slot freed.
     component = await component_of(gateway, app)
-    res = await gateway.runtime.handle_async(app.spec, component, http, rid, disconnected=request.is_disconnected)
-    headers = [(k.lower(), v) for k, v in res.headers if k.lower() not in ("content-length", "transfer-encoding")]
-    response = Response(res.body, res.status)
-    for key, value in headers:
-        response.headers.append(key, value)
+    channel, end = StreamChannel(asyncio.get_running_loop()), RequestEnd()
+
+    async def gone() -> bool:
+        # Until the answer starts streaming; then the streamed response itself notices a client that
+        # leaves (polling the ASGI receive beside it took a live client for gone within 0.25 s).
+        return not channel.head.done() and await request.is_disconnected()
+
+    work = asyncio.ensure_future(gateway.runtime.handle_async(
+        app.spec, component, http, rid, disconnected=gone, channel=channel, end=end))
+    await asyncio.wait({work, channel.head}, return_when=asyncio.FIRST_COMPLETED)
+    if channel.head.done():  # the app streams: status and headers now, then each piece as it comes
+        status, head = channel.head.result()
+        response: Response = StreamingResponse(_pieces(channel, work, end), status)
+    else:
+        res = work.result()
+        status, head, response = res.status, res.headers, Response(res.body, res.status)
+    for key, value in head:
+        if key.lower() not in ("content-length", "transfer-encoding"):
+            response.headers.append(key.lower(), value)
     return response
+
+
+async def _pieces(channel: StreamChannel, work: asyncio.Future, end: RequestEnd) -> AsyncIterator[bytes]:
+    """The streamed body: pieces until the guest has returned and every piece is sent. A client that
+    goes away closes this iterator, which ends the request (its writes fail, its llm streams stop)."""
+    take: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if channel.pieces.empty() and work.done():
+                break
+            take = asyncio.ensure_future(channel.pieces.get())
+            await asyncio.wait({take, work}, return_when=asyncio.FIRST_COMPLETED)
+            if not take.done():
+                take.cancel()
+                continue
+            channel.taken()
+            yield take.result()
+        if not work.cancelled() and work.exception() is not None:  # after the head: the body just ends here
+            log.warning("app request ended mid-stream: %s", work.exception())
+    finally:
+        if take is not None and not take.done():
+            take.cancel()
+        end.end(ClientGone("the client of a streamed answer went away"))
 
 
 def _is_page_visit(request: Request) -> bool:

@@ -14,7 +14,8 @@ from typing import Any, Callable, TypeVar
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
 
-from ..build import BuildResult, build_in_store, build_owner, source_hash, toolchain_hash
+from ..build import WORLD, BuildResult, build_in_store, build_owner, source_hash, toolchain_hash
+from ..contract import interface
 from ..config import DEFAULT_EMBEDDING_MODEL, AppSpec, Config
 from ..errors import AmphibiaError, AppNotFound, Building
 from ..inference.pool.broker import Broker
@@ -160,7 +161,7 @@ class Survey:
 def survey(specs: list[AppSpec], store: Path) -> dict[str, Survey]:
     """Hash every app's sources (each folder once, the toolchain once) and find their last builds.
     Blocking; one thread for all, not one per app: 1,000 apps may share a folder."""
-    toolchain = toolchain_hash()
+    toolchain, world = toolchain_hash(), interface(WORLD)
     keys: dict[Path, str | BaseException] = {}
     out = {}
     for spec in specs:
@@ -171,7 +172,10 @@ def survey(specs: list[AppSpec], store: Path) -> dict[str, Survey]:
             except Exception as exc:  # an unreadable folder fails that app, not the survey
                 keys[folder] = exc
         previous = last_served(store, spec.name, folder)
-        out[spec.name] = Survey(keys[folder], Built.of(previous) if previous else None)
+        built = Built.of(previous) if previous else None
+        if built is not None and built.manifest.get("world") != world:
+            built = None  # built for another version of the contract: it would not link here
+        out[spec.name] = Survey(keys[folder], built)
     return out
 
 

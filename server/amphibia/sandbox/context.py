@@ -62,6 +62,9 @@ class RequestContext:
     # Host-side objects behind guest resource handles, e.g. token streams. Only this request's
     # thread touches it.
     resources: dict[int, Any] = field(default_factory=dict)
+    # Where a streamed answer goes (`response_host`): a StreamChannel for the gateway, else Buffered.
+    response: Any = None
+    started: bool = False  # the guest called response-stream.start
     _next_rep: int = 1
 
     def add_resource(self, obj: Any) -> int:

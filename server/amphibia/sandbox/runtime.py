@@ -34,6 +34,7 @@ from . import wit_values
 from .capability import HostCapability
 from .context import RequestContext, RequestEnd, current
 from .instances import SPARE_DEADLINE_TICKS, GuestOutput, Sandbox, Spares, instantiate, new_store
+from .response_host import Buffered, ResponseStreamHost, StreamChannel, check_head
 
 log = logging.getLogger("amphibia.runtime")
 
@@ -213,12 +214,8 @@ def _to_wit(request: HttpRequest) -> Record:
 
 
 def _from_wit(res: Record) -> HttpResponse:
-    if not 100 <= res.status <= 599:
-        raise GuestError(f"app answered with invalid HTTP status {res.status}")
-    headers = [(str(k), str(v)) for k, v in res.headers]
-    if any("\n" in k or "\r" in k or "\n" in v or "\r" in v or not k for k, v in headers):
-        raise GuestError("app answered with an invalid header")
-    return HttpResponse(res.status, headers, bytes(res.body))
+    status, headers = check_head(res.status, res.headers)
+    return HttpResponse(status, headers, bytes(res.body))
 
 
 async def _client_left(disconnected: Callable[[], Awaitable[bool]]) -> None:
@@ -241,7 +238,7 @@ class Runtime:
             for interface in WORLD_TYPES:
                 with root.add_instance(interface):
                     pass
-            for capability in capabilities:
+            for capability in (*capabilities, ResponseStreamHost()):  # streamed answers: part of serving HTTP
                 capability.add_to_linker(root)
         # Guests block (on the CPU or on inference) in these threads, never on the event loop.
         self.guest_threads = ThreadPoolExecutor(guest_threads, thread_name_prefix="guest")
@@ -259,15 +256,17 @@ class Runtime:
         return self.cache.load(wasm, sha256)
 
     def handle(self, app: AppSpec, component: Component, request: HttpRequest, request_id: str,
-               end: RequestEnd | None = None) -> HttpResponse:
+               end: RequestEnd | None = None, channel: StreamChannel | None = None) -> HttpResponse:
         """Serve one request in a fresh instance. Blocking: call from a guest thread. `end` lets another
-        thread end the request's host work (see `handle_async`)."""
+        thread end the request's host work (see `handle_async`). A streamed answer goes to `channel`
+        as it comes; without one it is collected into the response returned."""
         box = self.spares.take(app, component) or new_store(self.wasmtime, app, component)
         store, out, err = box.store, box.out, box.err
         out.for_request(request_id)
         err.for_request(request_id)
         budget = CpuBudget(store, self.clock, app.limits.timeout_s)
-        ctx = RequestContext(app=app, request_id=request_id, host_wait=budget.host_wait, end=end or RequestEnd())
+        ctx = RequestContext(app=app, request_id=request_id, host_wait=budget.host_wait, end=end or RequestEnd(),
+                             response=channel if channel is not None else Buffered())
         token = current.set(ctx)
         try:
             handle = (box if box.instance is not None else instantiate(self.linker, box)).handle
@@ -276,6 +275,9 @@ class Runtime:
             result = handle(store, _to_wit(request))
             response = _from_wit(result)
             handle.post_return(store)
+            if ctx.started and isinstance(ctx.response, Buffered) and ctx.response.head is not None:
+                status, headers = ctx.response.head
+                return HttpResponse(status, headers, b"".join(ctx.response.pieces))
             return response
         except wasmtime.WasmtimeError as exc:
             raise _classify(exc, err.tail, app) from None
@@ -293,7 +295,8 @@ class Runtime:
             self.spares.done(box)
 
     async def handle_async(self, app: AppSpec, component: Component, request: HttpRequest, request_id: str,
-                           disconnected: Callable[[], Awaitable[bool]] | None = None) -> HttpResponse:
+                           disconnected: Callable[[], Awaitable[bool]] | None = None,
+                           channel: StreamChannel | None = None, end: RequestEnd | None = None) -> HttpResponse:
         """Serve one request on a guest thread, within the app's wall-clock deadline. When the deadline
         passes, or `disconnected()` says the client left, the request's inference is cancelled and
         its later host calls fail, so its guest finishes soon; the guest thread stays counted in
@@ -303,9 +306,9 @@ class Runtime:
             raise Busy(f"{self.in_flight} requests are already running or waiting ({self.threads} guests run at once, "
                        f"[server] guest_threads / guest_memory_mb); try again shortly")
         self.in_flight += 1
-        end = RequestEnd()
+        end = end or RequestEnd()
         work = asyncio.get_running_loop().run_in_executor(
-            self.guest_threads, self.handle, app, component, request, request_id, end)
+            self.guest_threads, self.handle, app, component, request, request_id, end, channel)
         work.add_done_callback(self._thread_free)
         left = asyncio.ensure_future(_client_left(disconnected)) if disconnected else None
         try:

@@ -151,3 +151,23 @@ def count(req: Request) -> Response:
     global _served
     _served += 1
     return Response.json({"served": _served})
+
+
+@app.get("/stream-raise")
+def stream_raise(req: Request) -> Response:
+    """Server-sent events that fail midway: the stream must end with an `error` event, not hang."""
+    def events():
+        for i, piece in enumerate(llm.stream("Count: 1, 2, 3,", max_tokens=40, temperature=0)):
+            yield {"token": piece}
+            if i == 2:
+                raise ValueError("broke mid-stream")
+    return Response.sse(events())
+
+
+@app.get("/stream-cut")
+def stream_cut(req: Request) -> Response:
+    """A plain streamed body that fails midway: the body ends where it broke."""
+    def pieces():
+        yield "first piece\n"
+        raise ValueError("cut")
+    return Response.stream(pieces())
