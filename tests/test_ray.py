@@ -143,8 +143,14 @@ def test_workers_are_placed_scaled_replaced_and_scaled_down(cluster: str) -> Non
         wait_for(url, lambda s: victim in {w["id"] for w in s["workers"]} and len(joined(s)) == 2,
                  "the killed worker to be restarted and rejoin")
 
-        # Idle: back down to min_workers, one at a time.
-        status = wait_for(url, lambda s: len(s["ray"]["workers"]) == 1, "a scale-down to min_workers", timeout=60)
+        # An embed request places the embedding model's worker on demand (one, never scaled).
+        emb = httpx.post(f"{url}/v1/embeddings", json={"input": ["frogs", "toads"]}, timeout=120)
+        assert emb.status_code == 200 and len(emb.json()["data"][0]["embedding"]) == 384, emb.text
+        assert "ray-minilm" in {w["id"] for w in httpx.get(f"{url}/pool", timeout=10).json()["ray"]["workers"]}
+
+        # Idle: back down to min_workers, one at a time (the embedding worker stays).
+        status = wait_for(url, lambda s: len([w for w in s["ray"]["workers"] if w["id"] != "ray-minilm"]) == 1,
+                          "a scale-down to min_workers", timeout=60)
         assert any(d["direction"] == "down" and "idle" in d["reason"] for d in status["ray"]["decisions"])
         assert chat(url) == alone  # the one left still answers
     finally:

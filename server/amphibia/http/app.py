@@ -165,7 +165,8 @@ def _ray_workers(config: Config, broker: Broker, port: int, token: str) -> Any:
         raise AmphibiaError(f"[pool.ray] model {model!r} is not defined in [models]")
     base = config.server.public_url or f"http://{_reachable(config.server.host)}:{port}"
     url = base.rstrip("/").replace("https://", "wss://", 1).replace("http://", "ws://", 1) + "/pool"
-    return RayWorkers(config.pool.ray, config.models[model], url, token, broker)
+    extra = {m: config.models[m] for m in embedding_models_of(config) if m != model}
+    return RayWorkers(config.pool.ray, config.models[model], url, token, broker, extra)
 
 
 def _reachable(host: str) -> str:

@@ -71,6 +71,7 @@ class Placed:
     state: str = "starting"  # starting -> joined (the broker has it); failed
     error: str = ""
     stopping: bool = False
+    extra: bool = False  # an embedding model's worker: one per model, placed on demand, never scaled
 
     def as_json(self, now: float) -> dict:
         return {"id": self.id, "state": self.state, "for_s": round(now - self.since, 1),
@@ -78,8 +79,12 @@ class Placed:
 
 
 class RayWorkers:
-    def __init__(self, config: RayConfig, model: ModelSpec, gateway_url: str, token: str, broker: Broker) -> None:
+    def __init__(self, config: RayConfig, model: ModelSpec, gateway_url: str, token: str, broker: Broker,
+                 extra_models: dict[str, ModelSpec] | None = None) -> None:
         self.config, self.broker, self.gateway_url, self.token = config, broker, gateway_url, token
+        # Embedding models the apps use: one small actor each (1 CPU, 1 slot), placed when a request
+        # first needs it, as the local gateway starts its embedding worker.
+        self.extra_models = {name: replace(spec, threads=1) for name, spec in (extra_models or {}).items()}
         threads = max(1, int(config.num_cpus))
         gpu_layers = config.gpu_layers if config.num_gpus > 0 else model.gpu_layers
         self.model = replace(model, threads=threads, gpu_layers=gpu_layers)
@@ -88,6 +93,7 @@ class RayWorkers:
         self.failed: list[Placed] = []  # the last few workers that could not start or died for good
         self.decisions: list[Decision] = []
         self.failures_in_a_row = 0
+        self.extra_failures: dict[str, int] = {}  # embedding worker id -> its failed starts
         self.error = ""  # why placing stopped, if it did
         self._numbers = itertools.count(1)
         self._actor_cls: Any = None
@@ -97,6 +103,7 @@ class RayWorkers:
                                ["direction"], registry=registry)
         self.states = Gauge("amphibia_ray_workers", "Ray worker actors by state", ["state"], registry=registry)
         broker.wait_listeners.append(lambda waited: self.autoscaler.observe_wait(time.monotonic(), waited))
+        broker.unserved_listeners.append(self._unserved)
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -127,7 +134,7 @@ class RayWorkers:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        actors = [p.actor for p in self.placed.values()]
+        actors = [p.actor for p in self.placed.values() if p.actor is not None]
         self.placed.clear()
         await asyncio.to_thread(self._kill, actors)
 
@@ -163,7 +170,7 @@ class RayWorkers:
         now = time.monotonic()
         waiting = [now - j.enqueued for q in self.broker.queues.values() for j in q if not j.started]
         busy = any(w.running or w.calls for w in self.broker.workers.values())
-        live = [p for p in self.placed.values() if not p.stopping]
+        live = [p for p in self.placed.values() if not p.stopping and not p.extra]
         decision = self.autoscaler.decide(now, time.time(), len(live), waiting, busy)
         if decision is not None:
             await self._carry_out(decision)
@@ -174,7 +181,9 @@ class RayWorkers:
         if not placed:
             return []
         ray = _ray()
-        refs = {p.ref: p for p in placed}
+        refs = {p.ref: p for p in placed if p.ref is not None}
+        if not refs:
+            return []
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
         out = []
         for ref in ready:
@@ -192,6 +201,10 @@ class RayWorkers:
             return
         placed.state, placed.error = "failed", error
         self.failed = [*self.failed[-9:], placed]
+        if placed.extra:  # an embedding worker's failures stop only its own placing
+            self.extra_failures[placed.id] = self.extra_failures.get(placed.id, 0) + 1
+            log.error("ray: worker %s failed: %s", placed.id, error)
+            return
         self.failures_in_a_row += 1
         log.error("ray: worker %s failed: %s", placed.id, error)
         if self.failures_in_a_row >= self.config.max_failures and not self.error:
@@ -207,7 +220,7 @@ class RayWorkers:
             placed = await asyncio.to_thread(self._place, worker_id)
             self.placed[worker_id] = placed
         else:
-            idle = [p for p in self.placed.values() if not p.stopping and not self._working(p.id)]
+            idle = [p for p in self.placed.values() if not p.stopping and not p.extra and not self._working(p.id)]
             if not idle:
                 return  # every worker is busy after all: decide again next tick
             victim = min(idle, key=lambda p: (p.state == "joined", -p.since))  # a starting one, else the newest
@@ -219,17 +232,39 @@ class RayWorkers:
         log.info("ray: scale %s (%s): %s", decision.direction, decision.reason,
                  f"placed {worker_id}" if decision.direction == "up" else f"stopped {victim.id}")
 
+    def _unserved(self, model: str) -> None:
+        """The broker has a request for `model` and no worker for it (on the event loop)."""
+        worker_id = f"ray-{model}"
+        if (model not in self.extra_models or worker_id in self.placed or self._actor_cls is None
+                or self.extra_failures.get(worker_id, 0) >= self.config.max_failures):
+            return
+        log.info("ray: placing a worker for embedding model %s", model)
+        self.placed[worker_id] = Placed(worker_id, None, None, extra=True)  # held while the actor is asked for
+        asyncio.get_running_loop().create_task(self._place_extra(model, worker_id))
+
+    async def _place_extra(self, model: str, worker_id: str) -> None:
+        try:
+            placed = await asyncio.to_thread(self._place, worker_id, self.extra_models[model], 1, 1.0, 0.0)
+        except Exception as exc:  # Ray refused (no such resources, say): reported like a failed start
+            self._lost(self.placed[worker_id], f"{type(exc).__name__}: {exc}")
+            return
+        placed.extra = True
+        self.placed[worker_id] = placed
+
     def _working(self, worker_id: str) -> bool:
         link = self.broker.workers.get(worker_id)
         return link is not None and bool(link.running or link.calls)
 
-    def _place(self, worker_id: str) -> Placed:
+    def _place(self, worker_id: str, model: ModelSpec | None = None, slots: int | None = None,
+               num_cpus: float | None = None, num_gpus: float | None = None) -> Placed:
         cfg = self.config
         actor = self._actor_cls.options(
-            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=dict(cfg.resources) or None,
+            num_cpus=cfg.num_cpus if num_cpus is None else num_cpus,
+            num_gpus=cfg.num_gpus if num_gpus is None else num_gpus,
+            resources=(dict(cfg.resources) or None) if model is None else None,
             max_restarts=cfg.max_restarts, max_task_retries=-1 if cfg.max_restarts else 0,
             name=f"amphibia-{worker_id}-{int(time.time())}",
-        ).remote(self.model, self.gateway_url, self.token, cfg.slots, worker_id)
+        ).remote(model or self.model, self.gateway_url, self.token, slots or cfg.slots, worker_id)
         return Placed(worker_id, actor, actor.serve.remote())
 
     def _count(self) -> None:
