@@ -33,7 +33,7 @@ from ..errors import AmphibiaError, Busy, ClientGone, GuestError, GuestOutOfMemo
 from . import wit_values
 from .capability import HostCapability
 from .context import RequestContext, RequestEnd, current
-from .instances import SPARE_DEADLINE_TICKS, GuestOutput, Sandbox, Spares, instantiate, new_store
+from .instances import SPARE_DEADLINE_TICKS, Sandbox, Spares, instantiate, new_store
 from .response_host import Buffered, ResponseStreamHost, StreamChannel, check_head
 
 log = logging.getLogger("amphibia.runtime")
@@ -235,8 +235,8 @@ class Runtime:
         self.linker = Linker(self.wasmtime)
         self.linker.add_wasip2()
         with self.linker.root() as root:
-            for interface in WORLD_TYPES:
-                with root.add_instance(interface):
+            for name in WORLD_TYPES:
+                with root.add_instance(name):
                     pass
             for capability in (*capabilities, ResponseStreamHost()):  # streamed answers: part of serving HTTP
                 capability.add_to_linker(root)
