@@ -68,25 +68,17 @@ async def app_route(request: Request) -> Response:
 
 
 async def _pieces(channel: StreamChannel, work: asyncio.Future, end: RequestEnd) -> AsyncIterator[bytes]:
-    """The streamed body: pieces until the guest has returned and every piece is sent. A client that
-    goes away closes this iterator, which ends the request (its writes fail, its llm streams stop)."""
-    take: asyncio.Future[bytes] | None = None
+    """The streamed body: pieces until the guest has returned (the channel's end mark, queued after
+    its last piece). A client that goes away closes this iterator, which ends the request (its writes
+    fail, its llm streams stop)."""
+    work.add_done_callback(lambda _: channel.finish())
     try:
-        while True:
-            if channel.pieces.empty() and work.done():
-                break
-            take = asyncio.ensure_future(channel.pieces.get())
-            await asyncio.wait({take, work}, return_when=asyncio.FIRST_COMPLETED)
-            if not take.done():
-                take.cancel()
-                continue
+        while (piece := await channel.pieces.get()) is not None:
             channel.taken()
-            yield take.result()
+            yield piece
         if not work.cancelled() and work.exception() is not None:  # after the head: the body just ends here
             log.warning("app request ended mid-stream: %s", work.exception())
     finally:
-        if take is not None and not take.done():
-            take.cancel()
         end.end(ClientGone("the client of a streamed answer went away"))
 
 

@@ -55,7 +55,7 @@ class StreamChannel:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.head: asyncio.Future[tuple[int, list[tuple[str, str]]]] = loop.create_future()
-        self.pieces: asyncio.Queue[bytes] = asyncio.Queue()
+        self.pieces: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: the guest has returned
         self._room = threading.Semaphore(MAX_PENDING)
 
     def start(self, status: int, headers: list[tuple[str, str]]) -> None:
@@ -68,6 +68,11 @@ class StreamChannel:
                 if ctx.end.error is not None:
                     raise ctx.end.error
         self.loop.call_soon_threadsafe(self.pieces.put_nowait, chunk)
+
+    def finish(self) -> None:
+        """On the loop, once the guest has returned: after its last piece (pieces are queued through
+        the same loop, in order), mark the end."""
+        self.pieces.put_nowait(None)
 
     def taken(self) -> None:
         """The loop sent a piece: one more place for the guest."""
