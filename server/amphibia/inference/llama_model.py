@@ -117,6 +117,7 @@ class LlamaModel:
         self._samplers: dict[int, Any] = {}  # slot -> its sequence's sampler chain
         self._grammars: dict[int, Any] = {}  # slot -> its sequence's grammar sampler (constrained output)
         self._candidates: Any = None  # the token-data array constrained sampling fills (made on first use)
+        self._one: Any = None  # and the one-token array that checks a sampled token against a grammar
         # An embedding model's one context; a generation model's is made on its first embed.
         self._embed_ctx: L.llama_context_p | None = self.ctx if embeddings_only else None
         template = L.llama_model_chat_template(self.model, None)
@@ -333,10 +334,16 @@ class LlamaModel:
                                         selected=-1, sorted=False)
 
     def _allows(self, grammar: Any, token: int) -> bool:
-        one = (L.llama_token_data * 1)(L.llama_token_data(token, 0.0, 0.0))
-        arr = L.llama_token_data_array(data=ctypes.cast(one, L.llama_token_data_p), size=1, selected=-1, sorted=False)
-        L.llama_sampler_apply(grammar, ctypes.byref(arr))
-        return math.isfinite(one[0].logit)
+        """Whether `grammar` allows `token` next: one candidate, checked on every constrained token, so
+        its array is made once."""
+        if self._one is None:
+            self._one = (L.llama_token_data * 1)()
+            self._one_arr = L.llama_token_data_array(data=ctypes.cast(self._one, L.llama_token_data_p), size=1,
+                                                     selected=-1, sorted=False)
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, 0.0, 0.0
+        self._one_arr.size, self._one_arr.selected, self._one_arr.sorted = 1, -1, False
+        L.llama_sampler_apply(grammar, ctypes.byref(self._one_arr))
+        return math.isfinite(self._one[0].logit)
 
     def _sample_constrained(self, slot: int, j: int) -> int:
         """llama.cpp's common sampler, grammar second: sample as usual and keep the token if the
