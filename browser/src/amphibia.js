@@ -12,6 +12,7 @@ export async function load(appUrl, options = {}) {
   const name = url.pathname.split("/").filter(Boolean)[1];
   if (!name) throw new Error(`not an app URL: ${appUrl}`);
   const gateway = url.origin;
+  if (options.runtime === "pyodide") return loadSource(name, gateway, options);
   const worker = startWorker(); // its modules load while the app list is fetched
   const listing = await (await fetch(`${gateway}/api/apps`)).json();
   const info = listing.apps.find((a) => a.name === name);
@@ -38,10 +39,38 @@ export async function load(appUrl, options = {}) {
   return app;
 }
 
+/** The app's source instead of its build (`amphibia dev`): Python in Pyodide, in a Worker, with the
+ * real SDK and the same engines. `options.bundle` (the gateway's /dev/apps/NAME/bundle) saves a fetch.
+ * The returned App also has `reload(files)`, `loaded` (the import's error, if any) and `missing`. */
+async function loadSource(name, gateway, options) {
+  const worker = startWorker("./pyodide-worker.js");
+  let bundle = options.bundle;
+  if (!bundle) {
+    const res = await fetch(`${gateway}/dev/apps/${encodeURIComponent(name)}/bundle`, { cache: "no-store" });
+    if (!res.ok) { worker.terminate(); throw new Error(`no source for ${name}: ${res.status} ${await res.text()}`); }
+    bundle = await res.json();
+  }
+  const abs = (path) => new URL(path, gateway).href;
+  const app = new App(name, worker, {
+    app: name,
+    gateway,
+    bundle,
+    pyodide: abs("/amphibia/pyodide/"),
+    wllamaWasm: abs("/amphibia/wllama/wasm/wllama.wasm"),
+    engine: options.engine ?? bundle.engine ?? "auto",
+    localModel: bundle.local_model ? { ...bundle.local_model, url: abs(bundle.local_model.url) } : null,
+    maxLocalModelBytes: options.maxLocalModelBytes ?? bundle.max_local_model_bytes,
+    forceLocalUnavailable: options.forceLocalUnavailable ?? null,
+    mode: options.mode ?? null,
+  });
+  await app.ready;
+  return app;
+}
+
 /** A module Worker from the runtime's own origin, also when the page is on another origin
  * (a Worker's script must be same-origin: a tiny blob module imports the real one). */
-function startWorker() {
-  const url = new URL("./worker.js", import.meta.url);
+function startWorker(script = "./worker.js") {
+  const url = new URL(script, import.meta.url);
   if (url.origin === location.origin) return new Worker(url, { type: "module" });
   const blob = new Blob([`import ${JSON.stringify(url.href)};`], { type: "text/javascript" });
   return new Worker(URL.createObjectURL(blob), { type: "module" });
@@ -102,6 +131,11 @@ class App extends EventTarget {
     this.mode = info.mode; // "jspi" or "sync" (SharedArrayBuffer + Atomics, for browsers without JSPI)
     this.crossOriginIsolated = info.crossOriginIsolated;
     this.timings = { ...info.timings, ready_ms: Math.round(performance.now() - this.#created) };
+    // From source (Pyodide) only: the first import's result, the files' version, missing modules.
+    this.loaded = info.loaded;
+    this.version = info.version;
+    this.missing = info.missing;
+    this.pyodide = info.pyodide; // its version
     /** Resolves with the engine decision once the local model is loaded, or known to be unavailable. */
     this.localReady = this.#controlRpc("localReady");
   }
@@ -118,6 +152,12 @@ class App extends EventTarget {
 
   #rpc(op, args, port) {
     return this.#request(this.#worker, this.#calls, op, args, port);
+  }
+
+  /** From source only: run these files ({path: text}) from now on; resolves with {ok, error, load_ms}
+   * (error: {type, text, file, line}, the traceback cut to the app's frames). */
+  reload(files) {
+    return this.#rpc("load", files);
   }
 
   #controlRpc(op, args) {

@@ -86,8 +86,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         config = replace(config, pool=replace(config.pool, ray=ray))
     print(f"Amphibia: {len(config.apps)} app(s) on http://{host}:{port}/ ({', '.join(config.apps) or 'none'})",
           flush=True)
+    dev = getattr(args, "dev", False)
     app = create_app(config, local_worker_port=None if args.no_local_worker else port, config_target=args.target,
-                     watch=args.watch)
+                     watch=args.watch, dev=dev)
+    if dev:
+        for name in config.apps:
+            print(f"  dev page: http://{host}:{port}/dev/apps/{name}/", flush=True)
     logging.getLogger("uvicorn.access").addFilter(RedactTokens())
     uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=args.access_log,
                 ws_max_size=MAX_FRAME_BYTES)
@@ -176,6 +180,16 @@ def parser() -> argparse.ArgumentParser:
                    help="place the pool's workers as actors on a Ray cluster (default address: [pool.ray] "
                         "address, else auto); needs pip install 'amphibia[ray]'")
     s.set_defaults(fn=cmd_up)
+
+    s = sub.add_parser("dev", help="serve apps like `up --watch`, with a dev page per app: edit the source and "
+                                   "run it in the page (Pyodide), save it, compare with the compiled component")
+    s.add_argument("target", nargs="?")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--log-level", default="info")
+    s.add_argument("--access-log", action="store_true")
+    s.add_argument("--no-local-worker", action="store_true", help="a pure gateway: only remote workers serve")
+    s.set_defaults(fn=cmd_up, dev=True, watch=True, ray=None)
 
     s = sub.add_parser("worker", help="serve a model to a gateway's pool")
     s.add_argument("--gateway", required=True, help="ws://HOST:PORT/pool")

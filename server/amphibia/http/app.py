@@ -27,6 +27,7 @@ from ..inference.pool.spawn import Supervisor, spawn_worker
 from ..inference.service import InferenceService
 from ..sandbox.llm_host import LlmHost
 from ..sandbox.runtime import Runtime
+from . import dev as dev_routes
 from . import openai, spin
 from .apps import app_page, app_root, app_route, healthz, index, list_apps
 from .assets import PublicAssets, browser_file, model_file
@@ -65,12 +66,14 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 def create_app(config: Config, engine: Engine | None = None, warm_model: bool = True,
                local_worker_port: int | None = None, config_target: str | None = None,
-               watch: bool = False) -> Starlette:
+               watch: bool = False, dev: bool = False) -> Starlette:
     """The gateway. With no `engine`, inference goes to the pool's broker, and with `local_worker_port`
     a worker process is started (and restarted whenever it exits) that dials back to this gateway on
     that port. An `engine` (e.g. the in-process one) serves every entrance instead: apps, the open
     APIs, the bridge. Only requests for `config.server.hosts` (and the bind host) are served. With
-    `watch`, an app whose files change is rebuilt and swapped in (see `http/watch.py`)."""
+    `watch`, an app whose files change is rebuilt and swapped in (see `http/watch.py`); `dev` adds the
+    dev pages (`http/dev.py`: the source in the page's Pyodide, saved from the page) and implies `watch`."""
+    watch = watch or dev
     broker = pool_engine = None
     if engine is None:
         broker = Broker(config.pool)
@@ -135,6 +138,7 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
             Route("/metrics", metrics),
             Route("/models/@{version}/{name}.gguf", model_file, methods=["GET", "HEAD"]),
             Route("/models/{name}.gguf", model_file, methods=["GET", "HEAD"]),
+            *(dev_routes.routes if dev else []),
             # The in-page runtime and the WASI shim it hands to guests (from browser/, see browser/README.md).
             Mount("/amphibia/wllama", StaticFiles(directory=BROWSER_DIR / "node_modules/@wllama/wllama/esm",
                                                   check_dir=False)),
