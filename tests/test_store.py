@@ -168,3 +168,46 @@ def test_a_last_build_for_another_contract_is_not_served_meanwhile(tmp_path: Pat
     manifest = json.loads(manifest_path.read_text())
     manifest_path.write_text(json.dumps({**manifest, "world": "amphibia:ai/app@0.0.1"}))
     assert survey([spec], tmp_path / "store")[spec.name].previous is None
+
+
+STREAMING = '''from amphibia_guest import App, Request, Response
+
+app = App()
+VERSION = {version!r}
+
+
+@app.get("/")
+def root(req: Request) -> Response:
+    return Response.json({{"version": VERSION}})
+
+
+@app.get("/long")
+def long(req: Request) -> Response:
+    piece = (VERSION + "\\n") * 4096
+    return Response.stream(piece for _ in range(1000))
+'''
+
+
+def test_watch_swaps_versions_while_a_request_is_in_flight(tmp_path: Path) -> None:
+    """With --watch, an edit's new build serves new requests while one that started before it (here a
+    long streamed answer, its guest held mid-write by a client that does not read) finishes on the
+    old build, whole."""
+    folder = tmp_path / "streaming"
+    folder.mkdir()
+    one = f"one {time.time()}"
+    (folder / "app.py").write_text(STREAMING.format(version=one))
+    config = Config(models=default_models(), root=tmp_path, apps={"streaming": AppSpec(name="streaming", path=folder)},
+                    server=replace(ServerConfig(), cache_dir=tmp_path / "cache", build_dir=tmp_path / "builds"))
+    served = serve_in_thread(create_app(config, warm_model=False, watch=True))
+    try:
+        with httpx.Client(timeout=60) as reader, reader.stream("GET", f"{served.url}/apps/streaming/long") as res:
+            body = res.iter_bytes()
+            received = [next(body)]  # the guest is now mid-answer, held by backpressure
+            (folder / "app.py").write_text(STREAMING.format(version="two"))
+            wait_until(lambda: httpx.get(f"{served.url}/apps/streaming/", timeout=30).json()["version"] == "two",
+                       "the new build to serve new requests")
+            received.extend(body)
+        lines = b"".join(received).decode().splitlines()
+        assert len(lines) == 1000 * 4096 and set(lines) == {one}  # whole, and all from the old build
+    finally:
+        served.stop()
