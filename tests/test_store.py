@@ -97,7 +97,8 @@ def test_a_new_build_is_swapped_in_while_the_old_one_serves(tmp_path: Path) -> N
 
     def gateway(watch: bool):
         config = Config(models=default_models(), root=tmp_path, apps={"versioned": spec},
-                        server=replace(ServerConfig(), cache_dir=tmp_path / "cache", build_dir=store))
+                        server=replace(ServerConfig(), cache_dir=tmp_path / "cache", build_dir=store,
+                                       edits_from_source=False))  # builds only (see the test after the next)
         return create_app(config, warm_model=False, watch=watch)
 
     def version(url: str) -> tuple[int, str | None]:
@@ -197,7 +198,8 @@ def test_watch_swaps_versions_while_a_request_is_in_flight(tmp_path: Path) -> No
     one = f"one {time.time()}"
     (folder / "app.py").write_text(STREAMING.format(version=one))
     config = Config(models=default_models(), root=tmp_path, apps={"streaming": AppSpec(name="streaming", path=folder)},
-                    server=replace(ServerConfig(), cache_dir=tmp_path / "cache", build_dir=tmp_path / "builds"))
+                    server=replace(ServerConfig(), cache_dir=tmp_path / "cache", build_dir=tmp_path / "builds",
+                                   edits_from_source=False))  # the swap to a new build
     served = serve_in_thread(create_app(config, warm_model=False, watch=True))
     try:
         with httpx.Client(timeout=60) as reader, reader.stream("GET", f"{served.url}/apps/streaming/long") as res:
@@ -209,5 +211,43 @@ def test_watch_swaps_versions_while_a_request_is_in_flight(tmp_path: Path) -> No
             received.extend(body)
         lines = b"".join(received).decode().splitlines()
         assert len(lines) == 1000 * 4096 and set(lines) == {one}  # whole, and all from the old build
+    finally:
+        served.stop()
+
+
+def test_an_edit_answers_from_source_before_its_build(tmp_path: Path) -> None:
+    """With --watch, an edit is served at once by the dev component (the edit's files imported per
+    instance) and then by its own build; an edit the dev component cannot import (a module outside its
+    snapshot, a broken import) is left to its build, and a failed build keeps the last version."""
+    folder = tmp_path / "versioned"
+    folder.mkdir()
+    stamp = time.time()
+    (folder / "app.py").write_text(VERSIONED.format(version=f"one {stamp}"))
+    config = Config(models=default_models(), root=ROOT, apps={"versioned": AppSpec(name="versioned", path=folder)},
+                    server=replace(ServerConfig(), cache_dir=CACHE, build_dir=ROOT / ".amphibia" / "builds"))
+    served = serve_in_thread(create_app(config, warm_model=False, watch=True))
+    url = served.url
+
+    def state() -> tuple[str, bool, bool]:
+        info = httpx.get(f"{url}/api/apps", timeout=30).json()
+        app = next(a for a in info["apps"] if a["name"] == "versioned")
+        return httpx.get(f"{url}/apps/versioned/", timeout=30).json()["version"], app["from_source"], app["updating"]
+
+    try:
+        wait_until(lambda: httpx.get(f"{url}/api/apps", timeout=30).json()["dev_component"], "the dev component")
+        (folder / "app.py").write_text(VERSIONED.format(version=f"two {stamp}"))
+        seen = wait_until(lambda: (s := state())[0] == f"two {stamp}" and s, "the edit to answer")
+        assert seen[1], "the edit was answered by its build, not from source"
+        wait_until(lambda: state() == (f"two {stamp}", False, False), "the edit's build to replace it")
+
+        # `wave` is in the standard library but not in the dev component's snapshot: its build serves it.
+        (folder / "app.py").write_text("import wave\n" + VERSIONED.format(version=f"three {stamp}"))
+        seen = wait_until(lambda: (s := state())[0] == f"three {stamp}" and s, "the build of an edit importing wave")
+        assert not seen[1]
+
+        (folder / "app.py").write_text("import no_such_module\n" + VERSIONED.format(version=f"four {stamp}"))
+        wait_until(lambda: "versioned" in httpx.get(f"{url}/healthz", timeout=10).json()["failed"], "the failed build")
+        assert state() == (f"three {stamp}", False, False)  # never served from source, the last build serves
+        assert "no_such_module" in httpx.get(f"{url}/healthz", timeout=10).json()["reasons"][0]
     finally:
         served.stop()

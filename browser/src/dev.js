@@ -141,9 +141,17 @@ async function send(since = performance.now()) {
 
 /** The compiled component as the gateway serves it now (reloaded after each new build). */
 async function compiledApp() {
-  const listing = await (await fetch("/api/apps", { cache: "no-store" })).json();
-  const info = listing.apps.find((a) => a.name === name);
+  let listing, info;
+  // An edit served from source on the server (the dev component) has no browser build: the compiled
+  // side waits for the edit's own build (a few seconds), so it compares what was saved.
+  for (const started = performance.now(); ; await new Promise((r) => setTimeout(r, 250))) {
+    listing = await (await fetch("/api/apps", { cache: "no-store" })).json();
+    info = listing.apps.find((a) => a.name === name);
+    if (!info || !(info.from_source || info.updating) || performance.now() - started > 180_000) break;
+    $("build").textContent = "(waiting for the saved edit's build…)";
+  }
   if (!info) throw new Error(listing.failed?.[name] ?? `${name} has no build yet (${listing.building?.[name] ?? "building"})`);
+  if (!info.browser) throw new Error(`${name} has no browser build yet`);
   if (compiled?.sha !== info.wasm_sha256) {
     compiled?.app.close();
     compiled = { sha: info.wasm_sha256, app: await load(`/apps/${name}/`, engine ? { engine } : {}) };

@@ -140,7 +140,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 BENCHMARKS = {"cold-start": "cold_start", "pool": "pool", "browser": "browser", "chaos": "chaos",
               "inflight": "inflight", "density": "density",
-              "broker": "broker"}  # `amphibia bench NAME` -> amphibia.bench.MODULE
+              "broker": "broker", "dev": "dev"}  # `amphibia bench NAME` -> amphibia.bench.MODULE
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -211,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="run a benchmark; the last line printed is JSON")
     s.add_argument("which", choices=list(BENCHMARKS))
-    s.add_argument("--quick", action="store_true", help="pool, browser, chaos, density: a reduced run (a minute or two)")
+    s.add_argument("--quick", action="store_true", help="pool, browser, chaos, density, dev: a reduced run (a minute or two)")
     s.add_argument("--json", action="store_true", help="print only the JSON result line")
     s.add_argument("--app", default=None, help="app folder (default: examples/chat)")
     s.add_argument("-n", "--requests", type=int, default=300)

@@ -103,6 +103,9 @@ class AppSpec:
     # Folders of the app (relative to its folder) the guest may read, at the same path under "/".
     # Nothing else of the host's file system is visible; sockets are always denied.
     files: tuple[str, ...] = ()
+    # Not configured: set by `--watch` for an edit served by the dev component before its build is
+    # ready (http/watch.py). A read-only copy of the edit's files, mounted at /0 for the guest to import.
+    source: Path | None = None
     # Share of the pool relative to other apps (fair queueing divides service by it).
     weight: float = 1.0
     # Where this app's LLM calls run when it runs in a browser: "local" (on the device, wllama),
@@ -144,6 +147,9 @@ class ServerConfig:
     max_loaded_apps: int = 100
     # Apps whose next request finds its fresh instance made ahead, while the server was idle (0: off).
     spare_instances: int = 32
+    # `--watch` / `amphibia dev`: an edit answers at once from its source (the dev component, built
+    # once per toolchain), until its own build replaces it; off: edits wait for their builds.
+    edits_from_source: bool = True
     # Disk for builds and compiled components together; beyond it the coldest that no served app
     # uses are deleted (0: no budget).
     store_max_mb: int = 10240

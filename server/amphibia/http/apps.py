@@ -155,8 +155,10 @@ async def list_apps(request: Request) -> Response:
          "core_wasm": sorted(f for f in (a.manifest.get("browser") or {}) if f.endswith(".wasm")),
          "engine": a.spec.browser_engine,
          "updating": a.spec.name in gateway.updating, "build_error": gateway.failed.get(a.spec.name),
+         "from_source": a.spec.source is not None,  # an edit served by the dev component (--watch)
          "local_model": local[a.spec.model]}
         for a in gateway.apps.values()
     ], "building": dict(sorted(gateway.building.items())), "updating": sorted(gateway.updating),
         "failed": dict(sorted(gateway.failed.items())),
+        "dev_component": gateway.dev_component is not None,  # --watch: edits answer before their builds
         "progress": progress(gateway), "max_local_model_bytes": int(gateway.config.server.browser_max_model_mb * 1e6)})

@@ -14,7 +14,7 @@ from typing import Any, Callable, TypeVar
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
 
-from ..build import WORLD, BuildResult, build_in_store, build_owner, source_hash, toolchain_hash
+from ..build import WORLD, BuildResult, background_priority, build_in_store, build_owner, source_hash, toolchain_hash
 from ..contract import interface
 from ..config import DEFAULT_EMBEDDING_MODEL, AppSpec, Config
 from ..errors import AmphibiaError, AppNotFound, Building
@@ -105,6 +105,7 @@ class Gateway:
     updating: dict[str, str] = field(default_factory=dict)  # served by an older build while a new one builds
     sockets: SocketCounts = field(init=False)  # open WebSockets per client address
     build_slots: asyncio.Semaphore | None = None  # builds at once (one per core), made on first use
+    dev_component: Built | None = None  # serves edits before their builds (`--watch`, http/watch.py)
 
     def __post_init__(self) -> None:
         self.sockets = SocketCounts(self.config.server.max_sockets_per_ip)
@@ -142,7 +143,9 @@ def gateway_of(conn: HTTPConnection) -> Gateway:
 
 def build_and_prepare(runtime: Runtime, spec: AppSpec, store: Path, src: str) -> Built:
     """Build `spec`'s sources into the store (unless that build is there) and compile its component
-    to the disk cache, so the app's first request only maps it. Blocking."""
+    to the disk cache, so the app's first request only maps it. Blocking; on a thread of its own,
+    whose priority it lowers."""
+    background_priority()
     result = build_in_store(spec.path, store, name=spec.name, src=src)
     runtime.cache.prepare(result.wasm, result.sha256)  # an unwritable compile cache only costs the cache
     log.info("app %s ready (%s, %s)", spec.name, result.sha256[:12], "built" if result.rebuilt else "cached")
@@ -188,11 +191,14 @@ def start_building(gateway: Gateway) -> "asyncio.Task[None]":
     return asyncio.create_task(update_apps(gateway, specs))
 
 
-async def update_apps(gateway: Gateway, specs: list[AppSpec]) -> None:
+async def update_apps(gateway: Gateway, specs: list[AppSpec],
+                      current: Callable[[AppSpec], bool] | None = None) -> None:
     """Build `specs` (each distinct input once, one build per core at a time) and swap each app to
     its new build when it is ready. Meanwhile an app is served by what served it before (in this
     process, or its last build in the store: after an upgrade nothing goes down); an app with
-    nothing to serve answers 503 `building`. A failed build leaves the old version serving."""
+    nothing to serve answers 503 `building`. A failed build leaves the old version serving. With
+    `current`, a build is swapped in only if `current(spec)` still holds when it is ready (`--watch`:
+    no newer edit arrived meanwhile)."""
     build_owner.set(gateway)  # this task's builds are the gateway's (see `build.stop_builds`)
     if gateway.build_slots is None:
         gateway.build_slots = asyncio.Semaphore(os.cpu_count() or 1)  # a build is mostly its own process
@@ -224,8 +230,12 @@ async def update_apps(gateway: Gateway, specs: list[AppSpec]) -> None:
                 builds[what.key] = asyncio.ensure_future(build_once(spec, what.key))
             built = await asyncio.shield(builds[what.key])
         except Exception as exc:
-            _record_failure(gateway, spec, exc, still_serving=serving is not None)
+            if current is None or current(spec):  # (an older edit's failure: the newer one is on its way)
+                _record_failure(gateway, spec, exc, still_serving=serving is not None)
         else:
+            if current is not None and not current(spec):
+                log.info("app %s: build %s is for an older edit; not swapped in", name, built.sha256[:12])
+                return
             gateway.apps[name] = built.serve_as(spec)
             gateway.failed.pop(name, None)
             served.append((name, spec.path, built.build_dir))

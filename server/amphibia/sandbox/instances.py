@@ -89,6 +89,8 @@ def new_store(engine: wasmtime.Engine, app: AppSpec, component: Component) -> Sa
     wasi = wasmtime.WasiConfig()  # no env, no args; sockets stay denied (wasmtime-py has no grant)
     for folder in app.files:  # read-only, and only what the app's manifest names
         wasi.preopen_dir(str(Path(app.path) / folder), "/" + folder.strip("/"), fs_mutable=False)
+    if app.source is not None:  # an edit served by the dev component: its files where a build had them
+        wasi.preopen_dir(str(app.source), "/0", fs_mutable=False)
     wasi.stdout_custom = out.write
     wasi.stderr_custom = err.write
     store.set_wasi(wasi)
