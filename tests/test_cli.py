@@ -101,6 +101,39 @@ def test_up_serves_at_once_and_stops_at_once_mid_build(tmp_path: Path) -> None:
         proc.communicate(timeout=10)
 
 
+def test_dev_serves_the_dev_page_and_pyodide(tmp_path: Path) -> None:
+    """`amphibia dev APP` is `up --watch` with the dev page: it prints the page's address and serves the
+    page, the app's source bundle and Pyodide itself (from the pinned npm package) at once."""
+    app_dir = tmp_path / "fresh"
+    app_dir.mkdir()
+    (app_dir / "app.py").write_text("from amphibia_guest import App\napp = App()\n")
+    port = free_port()
+    proc = subprocess.Popen([*AMPHIBIA, "dev", str(app_dir), "--port", str(port), "--no-local-worker"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        base, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+        while True:
+            try:
+                page = httpx.get(f"{base}/dev/apps/fresh/", timeout=5)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.time() < deadline, "server did not come up"
+                time.sleep(0.1)
+        assert page.status_code == 200 and 'id="editor"' in page.text
+        assert page.headers["cross-origin-opener-policy"] == "same-origin"  # the Atomics path needs isolation
+        bundle = httpx.get(f"{base}/dev/apps/fresh/bundle", timeout=30).json()
+        assert bundle["files"] == {"app.py": "from amphibia_guest import App\napp = App()\n"}
+        assert "amphibia_guest/dev_entry.py" in bundle["sdk"] and "wit_world/imports/llm.py" in bundle["bindings"]
+        mjs = httpx.get(f"{base}/amphibia/pyodide/pyodide.mjs", timeout=10)
+        assert mjs.status_code == 200 and mjs.headers["content-type"].startswith("text/javascript")
+        assert httpx.get(f"{base}/dev/", timeout=10, follow_redirects=False).headers["location"] == "/dev/apps/fresh/"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+    assert f"dev page: http://127.0.0.1:{port}/dev/apps/fresh/" in output
+
+
 def test_build_error_is_reported_on_stderr(tmp_path: Path) -> None:
     (tmp_path / "app.py").write_text("from amphibia_guest import App\napp = App(\n")
     out = run("build", str(tmp_path))
