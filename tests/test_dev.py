@@ -96,6 +96,31 @@ def test_an_edit_runs_in_the_page_at_once_and_is_not_saved(browser: Browser, dev
     page.close()
 
 
+def test_the_page_element_shows_the_source_and_the_atomics_path_runs_it_too(browser: Browser, dev) -> None:
+    """The dev page's `<amphibia-app>` runs on the source's App; and without JSPI (forced here: Chromium
+    has it) the same source blocks on an engine Worker with Atomics, with the same answers."""
+    url, _ = dev
+    page = open_dev(browser, url, "chat")
+    element = page.locator("#try amphibia-app")
+    element.locator("textarea").fill("What is the capital of France?")
+    element.locator("button").click()
+    element.locator(".status").filter(has_text="tokens/s").wait_for(timeout=60_000)
+    assert element.locator("pre").inner_text().strip()
+    out = page.evaluate("""async () => {
+        const { load } = await import("/amphibia/amphibia.js");
+        const run = async (mode) => {
+            const app = await load("/apps/tokens/", { runtime: "pyodide", engine: "remote", mode });
+            const res = await app.handle({ method: "POST", path: "/", body: "Hello world" });
+            app.close();
+            return [app.mode, res.text()];
+        };
+        return [await run("sync"), await run(null)];
+    }""")
+    assert out[0][0] == "sync" and out[1][0] == "jspi" and out[0][1] == out[1][1]
+    assert json.loads(out[0][1])["tokens"] == [19556, 905]
+    page.close()
+
+
 def test_errors_show_python_tracebacks_with_the_apps_file_and_line(browser: Browser, dev) -> None:
     url, folder = dev
     page = open_dev(browser, url, "scratch")
@@ -116,6 +141,14 @@ def test_errors_show_python_tracebacks_with_the_apps_file_and_line(browser: Brow
     assert boom["status"] == 500 and "ZeroDivisionError" in boom["body"]
     console = page.inner_text("#console")
     assert 'app.py", line 14, in boom' in console and "ZeroDivisionError" in console
+    # What the edit imports is checked as the editor has it: `js` is the page's only, `curses` this
+    # Pyodide lacks (its npm package has the core library only).
+    page.evaluate("(text) => amphibiaDev.edit('app.py', text)", "import js\nimport curses\n" + (folder / "app.py").read_text())
+    page.evaluate("() => amphibiaDev.run()")
+    page.locator("#notes li", has_text="curses").wait_for(timeout=10_000)
+    notes = page.inner_text("#notes")
+    assert "app.py:1: [component lacks] `js` exists only in the page" in notes
+    assert "[pyodide lacks] the page's Pyodide lacks `curses`" in notes
     page.close()
 
 
@@ -194,6 +227,13 @@ def test_dev_routes_are_for_dev_mode_and_this_machine_only(config: Config, engin
     assert res.status_code == 400 and "not UTF-8" in res.json()["error"]["message"]
     assert (folder / "app.py").read_text() == before  # nothing was written
     assert httpx.get(f"{url}/dev/apps/nope/bundle", timeout=10).status_code == 404
+    for bad in ({"files": [1]}, {"files": {"app.py": 3}}, {"files": {f"m{i}.py": "" for i in range(501)}}, {}):
+        res = httpx.post(f"{url}/dev/apps/scratch/notes", json=bad, timeout=10)
+        assert res.status_code == 400 and res.json()["error"]["type"] == "bad_request", bad
+    res = httpx.post(f"{url}/dev/apps/scratch/notes", content=b"\xff\xfe", timeout=10)
+    assert res.status_code == 400
+    found = httpx.post(f"{url}/dev/apps/scratch/notes", json={"files": {"app.py": "import socket\n"}}, timeout=10).json()
+    assert found["notes"][0]["module"] == "socket" and found["stdlib"] == ["socket"]
     # Another machine (here: a client address that is not loopback) gets nothing, not even the source.
     apps = {"scratch": AppSpec(name="scratch", path=folder)}
     # (on a thread of its own: Playwright's sync API keeps an event loop running on this one)

@@ -160,6 +160,11 @@ class App extends EventTarget {
     return this.#rpc("load", files);
   }
 
+  /** From source only: which of these standard-library modules this Pyodide cannot find. */
+  missingModules(modules) {
+    return this.#rpc("missing", modules);
+  }
+
   #controlRpc(op, args) {
     return this.#request(this.#control, this.#controls, op, args);
   }
@@ -230,6 +235,12 @@ class App extends EventTarget {
 /** `<amphibia-app src="/apps/chat/">`: a default UI for an app running in this page. */
 class AmphibiaAppElement extends HTMLElement {
   #app = null;
+  #given = null;
+
+  /** Show an App already loaded (the dev page's source in Pyodide) instead of loading `src`. */
+  set app(app) { this.#given = app; }
+
+  get app() { return this.#app ?? this.#given; }
 
   connectedCallback() {
     const root = this.attachShadow({ mode: "open" });
@@ -247,7 +258,7 @@ class AmphibiaAppElement extends HTMLElement {
       <div class="status" part="status">loading…</div>`;
     const [input, send, output, status] = ["textarea", "button", "pre", ".status"].map((q) => root.querySelector(q));
     const options = this.getAttribute("engine") ? { engine: this.getAttribute("engine") } : {};
-    load(this.getAttribute("src"), options).then((app) => {
+    (this.#given ? Promise.resolve(this.#given) : load(this.getAttribute("src"), options)).then((app) => {
       this.#app = app;
       const showEngine = () => { status.textContent = `engine: ${app.engine} (${app.reason})`; };
       showEngine();
@@ -310,7 +321,7 @@ class AmphibiaAppElement extends HTMLElement {
   }
 
   disconnectedCallback() {
-    this.#app?.close();
+    if (this.#app !== this.#given) this.#app?.close(); // a given App is its giver's to close
   }
 }
 

@@ -35,11 +35,13 @@ function showDirty() {
   $("dirty").textContent = n ? `${n} unsaved file${n > 1 ? "s" : ""}` : "saved";
 }
 
+let notes = null; // {notes, missing} for the files the page runs (null: as on disk)
+
 function showNotes() {
-  const list = [...bundle.notes];
-  for (const module of source?.missing ?? []) {
+  const list = [...(notes?.notes ?? bundle.notes)];
+  for (const module of notes?.missing ?? source?.missing ?? []) {
     list.push({ module, file: "", line: 0, lacking: "pyodide",
-                message: `the page's Pyodide lacks \`${module}\` (its npm package holds the core standard library only); the component has it` });
+                message: `the page's Pyodide lacks \`${module}\` (its npm package holds the core standard library only)` });
   }
   const ul = $("notes");
   ul.replaceChildren(...(list.length ? list : [{ message: "none: what the app imports runs in both" }]).map((n) => {
@@ -100,6 +102,7 @@ async function run() {
   const started = performance.now();
   const result = await source.reload(files());
   showError(result);
+  refreshNotes();
   events.dispatchEvent(new CustomEvent("loaded", { detail: result }));
   if (!result.ok) {
     $("timing").textContent = `not loaded: ${result.error.type} (${Math.round(performance.now() - started)} ms)`;
@@ -176,6 +179,7 @@ async function save() {
   showDirty();
   const result = await source.reload(files()); // what is saved is what the page runs
   showError(result);
+  refreshNotes();
   return result;
 }
 
@@ -204,8 +208,23 @@ async function follow() {
   }
 }
 
+/** The notes for the files the page now runs (unsaved edits included). */
+async function refreshNotes() {
+  try {
+    const res = await fetch(`${base}/notes`, { method: "POST", body: JSON.stringify({ files: files() }),
+                                               headers: { "content-type": "application/json" } });
+    if (!res.ok) return;
+    const found = await res.json();
+    notes = { notes: found.notes, missing: await source.missingModules(found.stdlib) };
+    showNotes();
+  } catch (err) {
+    log(`notes: ${err.message ?? err}`, "bad");
+  }
+}
+
 async function adopt(fresh) {
   bundle = fresh;
+  notes = null;
   $("banner").replaceChildren();
   fillFiles();
   showFile(current in bundle.files ? current : "app.py");
@@ -235,6 +254,9 @@ async function start() {
     $("status").textContent = `Pyodide ${source.pyodide ?? ""}, ready in ${Math.round(performance.now() - started)} ms · engine: ${source.engine} (${source.reason})`;
   };
   showStatus();
+  const element = document.createElement("amphibia-app"); // the same output a page embedding the app shows
+  element.app = source;
+  $("try").append(element);
   showNotes();
   showError(source.loaded);
   $("editor").oninput = () => {

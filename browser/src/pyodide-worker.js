@@ -104,6 +104,9 @@ const ops = {
     turn = result.catch(() => {});
     return result;
   },
+  async missing(modules) {
+    return host.missing(modules);
+  },
   async handle(req, _port, id) {
     const run = async () => {
       answering = { id, started: false };

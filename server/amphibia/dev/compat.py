@@ -2,7 +2,8 @@
 
 Read from the app's source (no code runs): the page shows these notes beside the editor, and the
 page's Pyodide adds the standard-library modules it finds missing at run time (its npm package holds
-the core library only; the component has the whole of it).
+the core library only). Whether the component can import a standard-library module shows when it is
+built (componentize-py imports the app then), or in the dev component's trial import.
 """
 from __future__ import annotations
 

@@ -18,12 +18,13 @@ from starlette.staticfiles import StaticFiles
 
 from ..build import BROWSER_DIR
 from ..config import AppSpec
-from ..dev.bundle import app_files, bundle, version_of
+from ..dev.bundle import MAX_FILES, app_files, bundle, version_of
+from ..dev.compat import notes
 from ..dev.files import save
-from ..errors import AppNotFound, Forbidden
+from ..errors import AppNotFound, BadRequest, Forbidden
 from .apps import ISOLATION_HEADERS, _pages
 from .assets import browser_model
-from .body import read_body
+from .body import read_body, read_json
 from .gateway import gateway_of
 from .watch import signature
 
@@ -97,6 +98,17 @@ async def dev_changes(request: Request) -> Response:
         await asyncio.sleep(CHANGES_POLL_S)
 
 
+async def dev_notes(request: Request) -> Response:
+    """The notes for files as the editor has them (unsaved): POST {"files": {path: text}}."""
+    spec = _spec(request)
+    files = (await read_json(request)).get("files")
+    if (not isinstance(files, dict) or len(files) > MAX_FILES
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())):
+        raise BadRequest(f"expected {{\"files\": {{path: text}}}} with at most {MAX_FILES} files")
+    found, stdlib = await asyncio.to_thread(notes, spec.path.resolve(), files)
+    return JSONResponse({"notes": found, "stdlib": stdlib})
+
+
 def _signature(folder):  # type: ignore[no-untyped-def]
     try:
         return signature(folder)
@@ -123,6 +135,7 @@ routes = [
     Route("/dev/apps/{name}/", dev_page),
     Route("/dev/apps/{name}/bundle", dev_bundle),
     Route("/dev/apps/{name}/changes", dev_changes),
+    Route("/dev/apps/{name}/notes", dev_notes, methods=["POST"]),
     Route("/dev/apps/{name}/files/{path:path}", dev_save, methods=["PUT"]),
     # Pyodide itself, from the pinned npm package (browser/package.json): nothing comes from a CDN.
     Mount("/amphibia/pyodide", StaticFiles(directory=BROWSER_DIR / "node_modules/pyodide", check_dir=False)),
