@@ -128,6 +128,10 @@ def test_dev_serves_the_dev_page_and_pyodide(tmp_path: Path) -> None:
         mjs = httpx.get(f"{base}/amphibia/pyodide/pyodide.mjs", timeout=10)
         assert mjs.status_code == 200 and mjs.headers["content-type"].startswith("text/javascript")
         assert httpx.get(f"{base}/dev/", timeout=10, follow_redirects=False).headers["location"] == "/dev/apps/fresh/"
+        while httpx.get(f"{base}/healthz", timeout=10).json()["building"]:  # the index lists built apps
+            assert time.time() < deadline + 120, "the app was not built"
+            time.sleep(0.2)
+        assert 'href="/dev/apps/fresh/"' in httpx.get(f"{base}/", timeout=10).text
     finally:
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=30)[0]

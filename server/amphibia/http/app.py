@@ -82,7 +82,7 @@ def create_app(config: Config, engine: Engine | None = None, warm_model: bool = 
     runtime = Runtime([LlmHost(service)], config.server.cache_dir, config.server.guest_slots,
                       config.server.queue_limit, config.server.max_loaded_apps, config.server.spare_instances)
     token = config.pool.token or os.environ.get("AMPHIBIA_POOL_TOKEN") or secrets.token_urlsafe(24)
-    gateway = Gateway(config, service, runtime, broker, token, secrets.token_bytes(32))
+    gateway = Gateway(config, service, runtime, broker, token, secrets.token_bytes(32), dev=dev)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -114,7 +114,8 @@ async def index(request: Request) -> Response:
     page = _pages.get_template("index.html").render(
         apps=[a.spec for a in gateway.apps.values()], failed=gateway.failed, building=gateway.building,
         updating=gateway.updating,
-        served=gateway.apps.keys(),
+        served=gateway.apps.keys(), dev=gateway.dev,
+        from_source={name for name, a in gateway.apps.items() if a.spec.source is not None},
         progress=progress(gateway), models=sorted(gateway.config.models),
     )
     return HTMLResponse(page)

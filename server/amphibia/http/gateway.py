@@ -106,6 +106,7 @@ class Gateway:
     sockets: SocketCounts = field(init=False)  # open WebSockets per client address
     build_slots: asyncio.Semaphore | None = None  # builds at once (one per core), made on first use
     dev_component: Built | None = None  # serves edits before their builds (`--watch`, http/watch.py)
+    dev: bool = False  # `amphibia dev`: the dev pages are served (http/dev.py)
 
     def __post_init__(self) -> None:
         self.sockets = SocketCounts(self.config.server.max_sockets_per_ip)
