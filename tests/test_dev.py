@@ -152,6 +152,23 @@ def test_errors_show_python_tracebacks_with_the_apps_file_and_line(browser: Brow
     page.close()
 
 
+def test_stop_interrupts_an_app_that_never_returns(browser: Browser, dev) -> None:
+    url, folder = dev
+    page = open_dev(browser, url, "scratch")
+    looping = (folder / "app.py").read_text() + "\n\n@app.get('/spin')\ndef spin(req):\n    while True:\n        pass\n"
+    page.evaluate("(text) => amphibiaDev.edit('app.py', text)", looping)
+    assert page.evaluate("() => amphibiaDev.source.reload(Object.fromEntries([['app.py', document.getElementById('editor').value]]))")["ok"]
+    page.evaluate("() => { amphibiaDev.setRequest({ method: 'GET', path: '/spin' }); window.spinning = amphibiaDev.send(); }")
+    page.locator("#stop:not([disabled])").wait_for(timeout=10_000)
+    page.wait_for_timeout(300)
+    page.click("#stop")
+    page.evaluate("() => window.spinning")
+    assert "KeyboardInterrupt" in page.inner_text("#out-source")
+    after = ask(page, {"method": "POST", "path": "/", "body": "Hello world"})["source"]  # the page still serves
+    assert after["status"] == 200 and json.loads(after["body"])["tokens"] == 2
+    page.close()
+
+
 GREEDY = {
     "chat": {"method": "POST", "path": "/", "contentType": "application/json",
              "body": json.dumps({"messages": FRANCE[1:], "temperature": 0, "max_tokens": 24})},

@@ -62,6 +62,8 @@ async function loadSource(name, gateway, options) {
     maxLocalModelBytes: options.maxLocalModelBytes ?? bundle.max_local_model_bytes,
     forceLocalUnavailable: options.forceLocalUnavailable ?? null,
     mode: options.mode ?? null,
+    // Shared with the Worker so that `interrupt()` reaches Python while it runs (isolated pages only).
+    interrupt: self.crossOriginIsolated ? new Uint8Array(new SharedArrayBuffer(1)) : null,
   });
   await app.ready;
   return app;
@@ -158,6 +160,14 @@ class App extends EventTarget {
    * (error: {type, text, file, line}, the traceback cut to the app's frames). */
   reload(files) {
     return this.#rpc("load", files);
+  }
+
+  /** From source only: stop the Python code running now (KeyboardInterrupt: its request answers 500
+   * with the traceback); false where the page is not cross-origin isolated and cannot. */
+  interrupt() {
+    if (!this.#config.interrupt) return false;
+    this.#config.interrupt[0] = 2; // SIGINT
+    return true;
   }
 
   /** From source only: which of these standard-library modules this Pyodide cannot find. */

@@ -14,6 +14,7 @@ let edits = {}; // path -> text changed in the editor and not saved
 let current = "app.py";
 let source = null; // the App running the source in Pyodide
 let compiled = null; // { app, sha } the compiled component, loaded when the switch is on
+let lastBuildError = null;
 const events = new EventTarget();
 
 async function fetchBundle() {
@@ -118,7 +119,9 @@ async function send(since = performance.now()) {
   $("out-source").textContent = "";
   const decoder = new TextDecoder();
   const settle = (promise) => promise.then((value) => ({ status: "fulfilled", value }), (reason) => ({ status: "rejected", reason }));
+  $("stop").disabled = false;
   const fromSource = await settle(source.handle(req, { onChunk: (c) => { $("out-source").textContent += decoder.decode(c, { stream: true }); } }));
+  $("stop").disabled = true;
   // One after the other, not at once: two generations batched together can differ in the last bits
   // of their logits, and a greedy answer with them; alone, the same request gives the same tokens.
   const fromBuild = $("compare").checked ? await settle(compiledApp().then((app) => app.handle(req))) : null;
@@ -159,7 +162,9 @@ async function compiledApp() {
     compiled?.app.close();
     compiled = { sha: info.wasm_sha256, app: await load(`/apps/${name}/`, engine ? { engine } : {}) };
   }
-  $("build").textContent = `build ${info.wasm_sha256.slice(0, 12)}${info.updating ? " (a new build is on its way)" : ""}${info.build_error ? " (the last edit failed to build)" : ""}`;
+  $("build").textContent = `build ${info.wasm_sha256.slice(0, 12)}${info.updating ? " (a new build is on its way)" : ""}${info.build_error ? " (the last edit failed to build: see the console)" : ""}`;
+  if (info.build_error && info.build_error !== lastBuildError) log(`the component's build failed:\n${info.build_error}`, "bad");
+  lastBuildError = info.build_error;
   return compiled.app;
 }
 
@@ -268,6 +273,7 @@ async function start() {
   $("run").onclick = () => run();
   $("save").onclick = () => save().catch(() => {});
   $("send").onclick = () => send();
+  $("stop").onclick = () => { if (!source.interrupt()) log("this page cannot interrupt Python (not cross-origin isolated)", "bad"); };
   $("compare").onchange = () => { if ($("compare").checked) compiledApp().catch((e) => { $("out-build").textContent = String(e.message ?? e); }); };
   $("editor").onkeydown = (e) => {
     if ((e.ctrlKey || e.metaKey) && e.key === "Enter") { e.preventDefault(); run(); }

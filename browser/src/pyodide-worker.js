@@ -88,6 +88,9 @@ const ops = {
     }
     py = await pyodideReady;
     t = mark("pyodide_ms", t);
+    // The page's Stop: it writes SIGINT (2) here and Python raises KeyboardInterrupt at its next
+    // bytecode (a shared buffer, so only in a cross-origin isolated page, as the dev page is).
+    if (config.interrupt) py.setInterruptBuffer(config.interrupt);
     writeFiles(LIB, { ...bundle.sdk, ...bundle.bindings, "amphibia_pyodide.py": hostSource });
     py.registerJsModule("amphibia_js", { llm, ...streamImports });
     py.runPython(`import sys\nsys.dont_write_bytecode = True\nsys.path.insert(0, ${JSON.stringify(LIB)})`);
@@ -110,6 +113,7 @@ const ops = {
   async handle(req, _port, id) {
     const run = async () => {
       answering = { id, started: false };
+      if (config.interrupt) config.interrupt[0] = 0; // a Stop meant for an earlier request
       try {
         const request = { ...req, body: new Uint8Array(req.body) };
         const res = config.mode === "jspi" ? await host.handle.callPromising(request) : host.handle(request);
