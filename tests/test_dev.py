@@ -64,9 +64,23 @@ def browser(dev) -> Iterator[Browser]:
 
 
 def open_dev(browser: Browser, url: str, app: str) -> Page:
+    """The app's dev page, ready (Pyodide loaded, the source imported). Offline: a request for
+    anything but the gateway (a CDN, say) is refused and fails the test."""
     page = browser.new_page()
+    elsewhere: list[str] = []
+
+    def only_the_gateway(route) -> None:  # type: ignore[no-untyped-def]
+        if route.request.url.startswith(url) or route.request.url.startswith(("data:", "blob:")):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_the_gateway)
+    page.on("close", lambda _: elsewhere and pytest.fail(f"the dev page asked for {elsewhere}"))
     page.goto(f"{url}/dev/apps/{app}/?engine=remote")
     page.evaluate("() => window.amphibiaDev.ready")
+    assert not elsewhere, elsewhere
     return page
 
 
