@@ -229,9 +229,11 @@ def test_an_edit_answers_from_source_before_its_build(tmp_path: Path) -> None:
     url = served.url
 
     def state() -> tuple[str, bool, bool]:
-        info = httpx.get(f"{url}/api/apps", timeout=30).json()
-        app = next(a for a in info["apps"] if a["name"] == "versioned")
-        return httpx.get(f"{url}/apps/versioned/", timeout=30).json()["version"], app["from_source"], app["updating"]
+        # The answer first: what answered then is still what serves when the listing is read a moment
+        # later (a build takes seconds), not the other way round (a trial takes milliseconds).
+        version = httpx.get(f"{url}/apps/versioned/", timeout=30).json()["version"]
+        app = next(a for a in httpx.get(f"{url}/api/apps", timeout=30).json()["apps"] if a["name"] == "versioned")
+        return version, app["from_source"], app["updating"]
 
     try:
         wait_until(lambda: httpx.get(f"{url}/api/apps", timeout=30).json()["dev_component"], "the dev component")
@@ -249,5 +251,39 @@ def test_an_edit_answers_from_source_before_its_build(tmp_path: Path) -> None:
         wait_until(lambda: "versioned" in httpx.get(f"{url}/healthz", timeout=10).json()["failed"], "the failed build")
         assert state() == (f"three {stamp}", False, False)  # never served from source, the last build serves
         assert "no_such_module" in httpx.get(f"{url}/healthz", timeout=10).json()["reasons"][0]
+    finally:
+        served.stop()
+
+
+def test_a_new_build_serves_before_its_browser_part_is_made(tmp_path: Path) -> None:
+    """A new build answers on the server as soon as its component is compiled; pages keep getting the
+    previous browser build (consistent with itself) until jco has made the new one."""
+    folder = tmp_path / "versioned"
+    folder.mkdir()
+    stamp = time.time()
+    (folder / "app.py").write_text(VERSIONED.format(version=f"one {stamp}"))
+    config = Config(models=default_models(), root=tmp_path, apps={"versioned": AppSpec(name="versioned", path=folder)},
+                    server=replace(ServerConfig(), cache_dir=tmp_path / "cache", build_dir=tmp_path / "builds",
+                                   edits_from_source=False))
+    served = serve_in_thread(create_app(config, warm_model=False, watch=True))  # returns with the browser part made
+    url = served.url
+
+    def listing() -> dict:
+        return next(a for a in httpx.get(f"{url}/api/apps", timeout=30).json()["apps"] if a["name"] == "versioned")
+
+    try:
+        first = listing()
+        assert first["browser"] and not first["updating"]
+        (folder / "app.py").write_text(VERSIONED.format(version=f"two {stamp}"))
+        wait_until(lambda: httpx.get(f"{url}/apps/versioned/", timeout=30).json()["version"] == f"two {stamp}",
+                   "the new build", timeout=180)
+        now = listing()
+        assert now["updating"] and now["wasm_sha256"] != first["wasm_sha256"]
+        assert now["browser"] == first["browser"]  # the page the previous build made, whole
+        assert httpx.get(f"{url}{first['browser']}app.js", timeout=30).status_code == 200
+        done = wait_until(lambda: (a := listing())["updating"] is False and a, "the browser part")
+        assert done["browser"] != first["browser"] and done["browser"].startswith("/apps/versioned/browser/@")
+        assert httpx.get(f"{url}{done['browser']}app.js", timeout=30).status_code == 200
+        assert httpx.get(f"{url}{first['browser']}app.js", timeout=30).status_code == 404  # not served any more
     finally:
         served.stop()

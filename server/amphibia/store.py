@@ -35,7 +35,7 @@ def last_served(store: Path, name: str, app_dir: Path) -> BuildResult | None:
     """The build app `name` (from `app_dir`) was last served from, if it is still complete."""
     try:
         record = json.loads(_record_path(store, name, app_dir).read_text())
-        return complete_build(Path(record["build"]))
+        return complete_build(Path(record["build"]), pending=True)  # its browser part is made again
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -101,7 +101,7 @@ async def app_page(request: Request) -> Response:
     engine = request.query_params.get("engine", app.spec.browser_engine)  # `?engine=remote` overrides the app's policy
     if engine not in BROWSER_ENGINES:
         engine = app.spec.browser_engine
-    page = _pages.get_template("app.html").render(app=app.spec, engine=engine, browser=bool(app.manifest.get("browser")))
+    page = _pages.get_template("app.html").render(app=app.spec, engine=engine, browser=app.page is not None)
     return HTMLResponse(page, headers={**ISOLATION_HEADERS, "cache-control": "no-cache"})
 
 
@@ -151,9 +151,10 @@ async def list_apps(request: Request) -> Response:
          "embedding_model": a.spec.embedding_model,
          "allowed_models": list(a.spec.allowed_models), "url": f"/apps/{a.spec.name}/",
          "wasm_sha256": a.manifest.get("wasm_sha256"),
-         "browser": f"/apps/{a.spec.name}/browser/@{version_of(a.manifest)}/" if a.manifest.get("browser") else None,
+         # the browser build pages load: this build's, or the one before while this one's is made
+         "browser": f"/apps/{a.spec.name}/browser/@{version_of(a.page.manifest)}/" if a.page else None,
          "page": f"/apps/{a.spec.name}/browser/",
-         "core_wasm": sorted(f for f in (a.manifest.get("browser") or {}) if f.endswith(".wasm")),
+         "core_wasm": sorted(f for f in (a.page.manifest.get("browser") or {}) if f.endswith(".wasm")) if a.page else [],
          "engine": a.spec.browser_engine,
          "updating": a.spec.name in gateway.updating, "build_error": gateway.failed.get(a.spec.name),
          "from_source": a.spec.source is not None,  # an edit served by the dev component (--watch)

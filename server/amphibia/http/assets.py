@@ -48,15 +48,15 @@ def version_of(manifest: dict) -> str:
 async def browser_file(request: Request) -> Response:
     gateway = gateway_of(request)
     name, path = request.path_params["name"], request.path_params["path"]
-    app = served_app(gateway, name)
-    files: dict[str, str] = app.manifest.get("browser") or {}
-    if not files:
+    page = served_app(gateway, name).page
+    files: dict[str, str] = page.manifest.get("browser") or {} if page is not None else {}
+    if page is None or not files:
         raise NotFound(f"app {name!r} has no browser build (jco is installed by `make`)")
     version = None
     if path.startswith("@"):
         version, _, path = path[1:].partition("/")
-        if version != version_of(app.manifest):
-            raise NotFound(f"version {version} of {name!r} is not served (current: {version_of(app.manifest)})")
+        if version != version_of(page.manifest):
+            raise NotFound(f"version {version} of {name!r} is not served (current: {version_of(page.manifest)})")
     sha = files.get(path)
     if sha is None:
         raise NotFound(f"{path!r} is not part of {name!r}'s browser build")
@@ -64,7 +64,7 @@ async def browser_file(request: Request) -> Response:
     if _not_modified(request, headers):
         return Response(status_code=304, headers=headers)
     media_type = MEDIA_TYPES.get(Path(path).suffix, "application/octet-stream")
-    file = app.build_dir / "browser" / path
+    file = page.build_dir / "browser" / path
     # Reading and compressing an 11 MB core module takes ~0.5 s: never on the event loop.
     accepted = {part.split(";")[0].strip() for part in request.headers.get("accept-encoding", "").split(",")}
     encoding = next((e for e in ENCODERS if e in accepted), None)

@@ -14,7 +14,8 @@ from typing import Any, Callable, TypeVar
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket
 
-from ..build import WORLD, BuildResult, background_priority, build_in_store, build_owner, source_hash, toolchain_hash
+from ..build import (WORLD, BuildResult, background_priority, browser_pending, build_in_store, build_owner,
+                     finish_browser, source_hash, toolchain_hash)
 from ..contract import interface
 from ..config import DEFAULT_EMBEDDING_MODEL, AppSpec, Config
 from ..errors import AmphibiaError, AppNotFound, Building
@@ -41,8 +42,10 @@ class Built:
     def of(cls, result: BuildResult) -> "Built":
         return cls(result.wasm, result.sha256, result.manifest, result.wasm.parent)
 
-    def serve_as(self, spec: AppSpec) -> "LoadedApp":
-        return LoadedApp(spec, self)
+    def serve_as(self, spec: AppSpec, before: "LoadedApp | None" = None) -> "LoadedApp":
+        """This build serving `spec`, after `before` (whose page goes on while this build's browser
+        part is still being made)."""
+        return LoadedApp(spec, self, before.page if before is not None else None)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class LoadedApp:
 
     spec: AppSpec
     build: Built
+    # The build pages got before this one, while this one's browser part is being made (a gateway
+    # serves a new build as soon as its component is ready, and makes the browser part after).
+    earlier_page: Built | None = None
 
     @property
     def manifest(self) -> dict:
@@ -60,6 +66,11 @@ class LoadedApp:
     @property
     def build_dir(self) -> Path:
         return self.build.build_dir
+
+    @property
+    def page(self) -> Built | None:
+        """The build whose browser part pages get: this one's once made, else the one before (if any)."""
+        return self.build if self.build.manifest.get("browser") else self.earlier_page
 
 
 class SocketCounts:
@@ -147,7 +158,7 @@ def build_and_prepare(runtime: Runtime, spec: AppSpec, store: Path, src: str) ->
     to the disk cache, so the app's first request only maps it. Blocking; on a thread of its own,
     whose priority it lowers."""
     background_priority()
-    result = build_in_store(spec.path, store, name=spec.name, src=src)
+    result = build_in_store(spec.path, store, name=spec.name, src=src, browser_later=True)
     runtime.cache.prepare(result.wasm, result.sha256)  # an unwritable compile cache only costs the cache
     log.info("app %s ready (%s, %s)", spec.name, result.sha256[:12], "built" if result.rebuilt else "cached")
     return Built.of(result)
@@ -207,7 +218,9 @@ async def update_apps(gateway: Gateway, specs: list[AppSpec],
     store = gateway.config.server.build_dir
     found = await _in_daemon_thread(survey, specs, store)
     builds: dict[str, asyncio.Future[Built]] = {}  # input hash -> its one build, awaited by every app with it
+    browsers: dict[str, asyncio.Future[Built]] = {}  # input hash -> the same build with its browser part made
     served: list[tuple[str, Path, Path]] = []
+    pages: list[tuple[AppSpec, Built, str]] = []  # served builds whose browser part is still to be made
 
     async def build_once(spec: AppSpec, key: str) -> Built:
         assert gateway.build_slots is not None
@@ -215,6 +228,11 @@ async def update_apps(gateway: Gateway, specs: list[AppSpec],
             if spec.name in gateway.building:
                 gateway.building[spec.name] = "building"
             return await _in_daemon_thread(build_and_prepare, gateway.runtime, spec, store, key)
+
+    async def browser_once(built: Built) -> Built:
+        assert gateway.build_slots is not None
+        async with gateway.build_slots:
+            return await _in_daemon_thread(make_browser_part, built)
 
     async def one(spec: AppSpec) -> None:
         name, what = spec.name, found[spec.name]
@@ -224,6 +242,7 @@ async def update_apps(gateway: Gateway, specs: list[AppSpec],
         if serving is not None:
             gateway.building.pop(name, None)
             gateway.updating[name] = "building"
+        page_later = False
         try:
             if isinstance(what.key, BaseException):
                 raise what.key
@@ -237,30 +256,57 @@ async def update_apps(gateway: Gateway, specs: list[AppSpec],
             if current is not None and not current(spec):
                 log.info("app %s: build %s is for an older edit; not swapped in", name, built.sha256[:12])
                 return
-            gateway.apps[name] = built.serve_as(spec)
+            gateway.apps[name] = built.serve_as(spec, serving)
             gateway.failed.pop(name, None)
             served.append((name, spec.path, built.build_dir))
             if serving is not None and serving.build != built:
                 log.info("app %s now served by its new build %s", name, built.sha256[:12])
+            page_later = browser_pending(built.manifest)
+            if page_later:  # served meanwhile; pages get the build before (if any) until it is made
+                pages.append((spec, built, what.key))
         finally:
             gateway.building.pop(name, None)
-            gateway.updating.pop(name, None)
+            if page_later:
+                gateway.updating[name] = "browser"
+            else:
+                gateway.updating.pop(name, None)
+
+    async def page(spec: AppSpec, built: Built, key: str) -> None:
+        try:
+            if key not in browsers:
+                browsers[key] = asyncio.ensure_future(browser_once(built))
+            finished = await asyncio.shield(browsers[key])
+        except Exception as exc:
+            _record_failure(gateway, spec, exc, still_serving=True)
+        else:
+            now = gateway.apps.get(spec.name)
+            if now is not None and now.build.sha256 == built.sha256:  # (not swapped again meanwhile)
+                gateway.apps[spec.name] = LoadedApp(now.spec, finished)
+        finally:
+            gateway.updating.pop(spec.name, None)
 
     await asyncio.gather(*(one(spec) for spec in specs))
-    await _in_daemon_thread(_after_builds, gateway, served)
+    await _in_daemon_thread(remember_served, store, served)  # before the pages: a restart serves these
+    await asyncio.gather(*(page(*job) for job in pages))
+    await _in_daemon_thread(_evict, gateway)
     if specs:
         log.info("%d app(s) built in %.1f s (%d distinct builds): %d ready, %d failed", len(specs),
                  time.monotonic() - started, len(builds), len(gateway.apps), len(gateway.failed))
 
 
-def _after_builds(gateway: Gateway, served: list[tuple[str, Path, Path]]) -> None:
-    """Remember what serves each app, then keep the store within its disk budget (never touching
-    what any app is served by)."""
+def make_browser_part(built: Built) -> Built:
+    """The browser part of a build served without it (jco, at a lower priority). Blocking."""
+    background_priority()
+    return Built.of(finish_browser(BuildResult(built.wasm, built.manifest, rebuilt=False)))
+
+
+def _evict(gateway: Gateway) -> None:
+    """Keep the store within its disk budget, never touching what any app is served by (or its page)."""
     server = gateway.config.server
-    remember_served(server.build_dir, served)
     in_use = list(gateway.apps.values())  # a copy: the event loop may swap apps meanwhile
     evict(server.build_dir, server.cache_dir, server.store_max_mb,
-          keep={a.build_dir for a in in_use}, keep_sha256={a.build.sha256 for a in in_use})
+          keep={a.build_dir for a in in_use} | {a.page.build_dir for a in in_use if a.page is not None},
+          keep_sha256={a.build.sha256 for a in in_use})
 
 
 def _record_failure(gateway: Gateway, spec: AppSpec, error: BaseException, still_serving: bool) -> None:

@@ -116,7 +116,8 @@ async def serve_edit(gateway: Gateway, spec: AppSpec, wanted: Callable[[], bool]
         staged = await asyncio.to_thread(stage, folder, gateway.config.server.cache_dir / "sources" / spec.name, in_use)
     except (BuildError, OSError):
         return False  # its build reports it
-    candidate = LoadedApp(replace(spec, source=staged), dev)
+    before = gateway.apps.get(spec.name)
+    candidate = LoadedApp(replace(spec, source=staged), dev, before.page if before is not None else None)
     try:
         component = await component_of(gateway, candidate)
         trial = await gateway.runtime.handle_async(candidate.spec, component, HttpRequest(IMPORT, "/"),
