@@ -168,12 +168,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_build)
 
     s = sub.add_parser("up", help="serve apps (an amphibia.toml, a folder of apps, or one app)")
-    s.add_argument("target", nargs="?")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--log-level", default="info")
-    s.add_argument("--access-log", action="store_true")
-    s.add_argument("--no-local-worker", action="store_true", help="a pure gateway: only remote workers serve")
+    _serving_arguments(s)
     s.add_argument("--watch", action="store_true",
                    help="rebuild an app when its files change and swap it in (the old build serves meanwhile)")
     s.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -183,12 +178,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("dev", help="serve apps like `up --watch`, with a dev page per app: edit the source and "
                                    "run it in the page (Pyodide), save it, compare with the compiled component")
-    s.add_argument("target", nargs="?")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--log-level", default="info")
-    s.add_argument("--access-log", action="store_true")
-    s.add_argument("--no-local-worker", action="store_true", help="a pure gateway: only remote workers serve")
+    _serving_arguments(s)
     s.set_defaults(fn=cmd_up, dev=True, watch=True, ray=None)
 
     s = sub.add_parser("worker", help="serve a model to a gateway's pool")
@@ -217,6 +207,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--requests", type=int, default=300)
     s.set_defaults(fn=cmd_bench)
     return p
+
+
+def _serving_arguments(s: argparse.ArgumentParser) -> None:
+    """What `up` and `dev` both take."""
+    s.add_argument("target", nargs="?")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--log-level", default="info")
+    s.add_argument("--access-log", action="store_true")
+    s.add_argument("--no-local-worker", action="store_true", help="a pure gateway: only remote workers serve")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -26,7 +27,7 @@ from .apps import ISOLATION_HEADERS, _pages
 from .assets import browser_model
 from .body import read_body, read_json
 from .gateway import gateway_of
-from .watch import signature
+from .watch import Signature, signature
 
 SAVE_HEADER = "x-amphibia-dev"
 CHANGES_WAIT_S = 25.0  # a long poll answers "unchanged" after this, and the page asks again
@@ -109,7 +110,7 @@ async def dev_notes(request: Request) -> Response:
     return JSONResponse({"notes": found, "stdlib": stdlib})
 
 
-def _signature(folder):  # type: ignore[no-untyped-def]
+def _signature(folder: Path) -> Signature | None:
     try:
         return signature(folder)
     except OSError:
