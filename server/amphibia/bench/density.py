@@ -106,8 +106,9 @@ class Gateway:
         return res is not None and res.status_code == 200
 
     def ready(self) -> bool:
+        """Every app built, browser part included (a build serves before jco has made that part)."""
         res = self.get("/healthz")
-        return res is not None and res.json()["progress"]["building"] == 0
+        return res is not None and res.json()["progress"]["building"] == 0 and res.json()["progress"]["updating"] == 0
 
     def rss_mb(self) -> float:
         return rss_mb(self.proc.pid)
