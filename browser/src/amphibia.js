@@ -20,23 +20,31 @@ export async function load(appUrl, options = {}) {
     worker.terminate();
     throw new Error(info ? `app ${name} has no browser build` : `no app named ${name} at ${gateway}`);
   }
-  const abs = (path) => new URL(path, gateway).href;
   const app = new App(name, worker, {
-    app: name,
+    ...engineConfig(name, gateway, info, listing.max_local_model_bytes, options),
     coreWasm: info.core_wasm,
+    base: new URL(info.browser, gateway).href,
+    shim: new URL("/amphibia/shim/index.js", gateway).href,
+  });
+  await app.ready;
+  return app;
+}
+
+/** What a Worker needs to set up the app's engines, from the gateway's view of the app (`info`: its
+ * `/api/apps` entry, or the dev bundle) and the page's options. */
+function engineConfig(name, gateway, info, maxLocalModelBytes, options) {
+  const abs = (path) => new URL(path, gateway).href;
+  return {
+    app: name,
     gateway,
-    base: abs(info.browser),
-    shim: abs("/amphibia/shim/index.js"),
     wllamaWasm: abs("/amphibia/wllama/wasm/wllama.wasm"),
     // The app's policy (its app.toml), unless the page says otherwise: local | remote | auto | echo.
     engine: options.engine ?? info.engine ?? "auto",
     localModel: info.local_model ? { ...info.local_model, url: abs(info.local_model.url) } : null,
-    maxLocalModelBytes: options.maxLocalModelBytes ?? listing.max_local_model_bytes,
+    maxLocalModelBytes: options.maxLocalModelBytes ?? maxLocalModelBytes,
     forceLocalUnavailable: options.forceLocalUnavailable ?? null,
-    mode: options.mode ?? null, // null: JSPI where the browser has it, else the sync build
-  });
-  await app.ready;
-  return app;
+    mode: options.mode ?? null, // null: JSPI where the browser has it, else the sync path
+  };
 }
 
 /** The app's source instead of its build (`amphibia dev`): Python in Pyodide, in a Worker, with the
@@ -50,18 +58,10 @@ async function loadSource(name, gateway, options) {
     if (!res.ok) { worker.terminate(); throw new Error(`no source for ${name}: ${res.status} ${await res.text()}`); }
     bundle = await res.json();
   }
-  const abs = (path) => new URL(path, gateway).href;
   const app = new App(name, worker, {
-    app: name,
-    gateway,
+    ...engineConfig(name, gateway, bundle, bundle.max_local_model_bytes, options),
     bundle,
-    pyodide: abs("/amphibia/pyodide/"),
-    wllamaWasm: abs("/amphibia/wllama/wasm/wllama.wasm"),
-    engine: options.engine ?? bundle.engine ?? "auto",
-    localModel: bundle.local_model ? { ...bundle.local_model, url: abs(bundle.local_model.url) } : null,
-    maxLocalModelBytes: options.maxLocalModelBytes ?? bundle.max_local_model_bytes,
-    forceLocalUnavailable: options.forceLocalUnavailable ?? null,
-    mode: options.mode ?? null,
+    pyodide: new URL("/amphibia/pyodide/", gateway).href,
     // Shared with the Worker so that `interrupt()` reaches Python while it runs (isolated pages only).
     interrupt: self.crossOriginIsolated ? new Uint8Array(new SharedArrayBuffer(1)) : null,
   });

@@ -1,7 +1,28 @@
 // The engine router for one app instance, built the same way wherever it lives: in the guest's
 // Worker (JSPI build) or in the engine Worker beside it (sync build).
-import { EchoEngine, EngineRouter, RemoteEngine } from "./engines.js";
+import { EchoEngine, EngineRouter, RemoteEngine, llmImports } from "./engines.js";
 import { LocalEngine, localUnavailable } from "./local.js";
+import { startEngineWorker, syncLlmImports } from "./sync.js";
+
+/** The guest's `llm` imports in an app's Worker, and the engine decision so far. With JSPI the router
+ * lives in this Worker and the imports are async; without, it lives in an engine Worker beside it
+ * and the imports block on Atomics (which needs a cross-origin isolated page). Sets `config.mode`. */
+export async function guestLlm(config, port) {
+  const jspi = typeof WebAssembly.Suspending === "function";
+  config.mode = config.mode ?? (jspi ? "jspi" : "sync");
+  if (config.mode === "jspi") {
+    if (!jspi) throw new Error("this browser lacks JSPI (WebAssembly.Suspending); use mode \"sync\"");
+    const router = createRouter(config, (event, detail) => port.postMessage({ event, detail }));
+    serve(port, controlOps(router));
+    return { llm: llmImports(router), current: router.current };
+  }
+  if (!self.crossOriginIsolated) {
+    throw new Error("this browser lacks JSPI, and the sync fallback needs a cross-origin isolated page "
+      + "(COOP/COEP, as the gateway's /apps/NAME/browser/ and /dev/ pages are)");
+  }
+  const channel = await startEngineWorker(config, port);
+  return { llm: syncLlmImports(channel), current: channel.request({ op: "hello" }) };
+}
 
 export function createRouter(config, post) {
   const bridgeUrl = async () => {

@@ -3,9 +3,7 @@
 // real amphibia_guest SDK; its `llm` calls reach the same engines as the compiled build (local
 // wllama, the bridge, or both): with JSPI through `run_sync`, else blocking on an engine Worker with
 // Atomics (sync.js). Python's output and the app's tracebacks go to the page as "log" events.
-import { llmImports } from "./engines.js";
-import { controlOps, createRouter, serve } from "./engine-setup.js";
-import { startEngineWorker, syncLlmImports } from "./sync.js";
+import { guestLlm } from "./engine-setup.js";
 
 const LIB = "/lib/amphibia"; // the SDK, the world's bindings and the host module
 let config = null;
@@ -59,8 +57,6 @@ const ops = {
   async init(args, port) {
     config = args;
     let t = performance.now();
-    const jspi = typeof WebAssembly.Suspending === "function";
-    config.mode = config.mode ?? (jspi ? "jspi" : "sync");
     const { loadPyodide } = await import(`${config.pyodide}pyodide.mjs`);
     const pyodideReady = loadPyodide({
       indexURL: config.pyodide,
@@ -70,22 +66,8 @@ const ops = {
     const bundle = config.bundle; // from the gateway's /dev/apps/NAME/bundle: files, SDK, bindings
     delete config.bundle;
     const hostSource = await fetch(new URL("./python/amphibia_pyodide.py", import.meta.url)).then((r) => r.text());
-    let llm, current;
     post = (event, detail) => port.postMessage({ event, detail });
-    if (config.mode === "jspi") {
-      if (!jspi) throw new Error("this browser lacks JSPI (WebAssembly.Suspending); use mode \"sync\"");
-      const router = createRouter(config, post);
-      serve(port, controlOps(router));
-      llm = llmImports(router);
-      current = router.current;
-    } else {
-      if (!self.crossOriginIsolated) {
-        throw new Error("this browser lacks JSPI, and the sync fallback needs a cross-origin isolated page (COOP/COEP)");
-      }
-      const channel = await startEngineWorker(config, port);
-      current = channel.request({ op: "hello" });
-      llm = syncLlmImports(channel);
-    }
+    const { llm, current } = await guestLlm(config, port);
     py = await pyodideReady;
     t = mark("pyodide_ms", t);
     // The page's Stop: it writes SIGINT (2) here and Python raises KeyboardInterrupt at its next

@@ -3,9 +3,8 @@
 // (local wllama, the remote bridge, or both) lives here; without JSPI the sync build runs here and
 // blocks on an engine Worker beside it (sync.js). Engine events and controls travel on the page's
 // MessagePort; `handle` calls on this Worker's own messages.
-import { llmImports, wasiImports } from "./engines.js";
-import { controlOps, createRouter, serve } from "./engine-setup.js";
-import { startEngineWorker, syncLlmImports } from "./sync.js";
+import { wasiImports } from "./engines.js";
+import { guestLlm } from "./engine-setup.js";
 
 let config = null;
 let instance = null;
@@ -58,26 +57,10 @@ const responseStream = {
 const ops = {
   async init(args, port) {
     config = args;
-    const jspi = typeof WebAssembly.Suspending === "function";
-    config.mode = config.mode ?? (jspi ? "jspi" : "sync");
     // Compile the core modules while the generated JS and the shim load (they are most of ready).
     for (const path of config.coreWasm ?? []) compiled.set(path, compile(path));
     let current;
-    if (config.mode === "jspi") {
-      if (!jspi) throw new Error("this browser lacks JSPI (WebAssembly.Suspending); use mode \"sync\"");
-      const router = createRouter(config, (event, detail) => port.postMessage({ event, detail }));
-      serve(port, controlOps(router));
-      llm = llmImports(router);
-      current = router.current;
-    } else {
-      if (!self.crossOriginIsolated) {
-        throw new Error("this browser lacks JSPI, and the sync fallback needs a cross-origin isolated page "
-          + "(COOP/COEP, as the gateway's /apps/NAME/browser/ pages are)");
-      }
-      const channel = await startEngineWorker(config, port);
-      current = channel.request({ op: "hello" });
-      llm = syncLlmImports(channel);
-    }
+    ({ llm, current } = await guestLlm(config, port));
     instance = await instantiate();
     return { ...current, mode: config.mode, crossOriginIsolated: self.crossOriginIsolated, timings };
   },

@@ -21,9 +21,8 @@ import sys
 from wit_world.imports import http as wit_http
 
 from . import serving
-from .http import App, Response, current_app
+from .http import TRIAL_IMPORT, App, Response, current_app
 
-IMPORT = "AMPHIBIA-IMPORT"  # the host's trial of an edit (no HTTP client can send this method)
 _app: App | None = None
 
 
@@ -38,7 +37,7 @@ def _current() -> App:
 
 class WitWorld:
     def handle(self, request: wit_http.Request) -> wit_http.Response:
-        if request.method == IMPORT:  # import only: 204, or 500 with the traceback
+        if request.method == TRIAL_IMPORT:  # import only: 204, or 500 with the traceback
             try:
                 _current()
             except BaseException:  # noqa: BLE001 - the host shows whatever the edit raised

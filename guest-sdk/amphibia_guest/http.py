@@ -193,6 +193,10 @@ def _call(handler: Handler, request: Request) -> Response:
     return response
 
 
+# The method of the host's trial of an edit in the dev component (`dev_entry.py`, `--watch`): it only
+# imports the app. No HTTP route takes this method, so no client can send it to an app.
+TRIAL_IMPORT = "AMPHIBIA-IMPORT"
+
 _registry: list[App] = []
 
 

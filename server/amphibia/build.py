@@ -60,6 +60,11 @@ def source_files(folder: Path) -> list[Path]:
     return out
 
 
+def build_inputs(app_dir: Path) -> list[Path]:
+    """The app's files a build reads: its sources without what only configures serving (`app.toml`)."""
+    return [p for p in source_files(app_dir) if p.relative_to(app_dir).as_posix() not in SERVING_ONLY]
+
+
 def toolchain_hash() -> str:
     """What every build depends on besides the app: componentize-py, the guest SDK and the WIT world.
     When it changes (an upgrade), every app builds again; gateways serve the old builds meanwhile."""
@@ -79,9 +84,7 @@ def source_hash(app_dir: Path, toolchain: str | None = None) -> str:
     hashing many apps."""
     h = hashlib.sha256()
     h.update(f"toolchain {toolchain or toolchain_hash()}\n".encode())
-    for path in source_files(app_dir):
-        if path.relative_to(app_dir).as_posix() in SERVING_ONLY:
-            continue
+    for path in build_inputs(app_dir):
         h.update(f"app/{path.relative_to(app_dir).as_posix()}\n".encode())
         h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
@@ -248,7 +251,8 @@ def complete_build(out_dir: Path, pending: bool = False) -> BuildResult | None:
         return None
     if not isinstance(manifest, dict) or manifest.get("wasm_bytes") != size or not manifest.get("wasm_sha256"):
         return None
-    if manifest.get("browser") is None and jco_path() is not None and not (pending and browser_pending(manifest)):
+    needs_browser = not manifest.get("dev") and not (pending and browser_pending(manifest))  # (pages never get the dev component)
+    if manifest.get("browser") is None and jco_path() is not None and needs_browser:
         return None
     return BuildResult(wasm, manifest, rebuilt=False)
 
@@ -264,7 +268,7 @@ def build(app_dir: str | Path, out_dir: str | Path | None = None, name: str | No
         raise BuildError(f"{app_dir} has no app.py")
     out_dir = Path(out_dir) if out_dir else app_dir / ".amphibia"
     out_dir.mkdir(parents=True, exist_ok=True)
-    wasm, manifest_path = out_dir / "app.wasm", out_dir / "manifest.json"
+    wasm = out_dir / "app.wasm"
     src = src or source_hash(app_dir)
     current = None if force else _current(out_dir, src, browser_later)
     if current is not None:
@@ -296,9 +300,7 @@ def build(app_dir: str | Path, out_dir: str | Path | None = None, name: str | No
         if manifest["browser"] is not None:
             shutil.rmtree(out_dir / "browser", ignore_errors=True)
             os.replace(Path(tmp) / "browser", out_dir / "browser")
-        tmp_manifest = Path(tmp) / "manifest.json"
-        tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp_manifest, manifest_path)
+        _publish_manifest(manifest, Path(tmp), out_dir)
     return BuildResult(wasm, manifest, rebuilt=True)
 
 
@@ -308,14 +310,11 @@ def build_dev_component(store: Path) -> BuildResult:
     own build is ready. It has no browser build: pages wait for the real one."""
     src = hashlib.sha256(f"dev component\n{toolchain_hash()}".encode()).hexdigest()
     out_dir = store / f"dev-{src[:24]}"
-    wasm, manifest_path = out_dir / "app.wasm", out_dir / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("source_sha256") == src and manifest.get("wasm_bytes") == wasm.stat().st_size:
-            return BuildResult(wasm, manifest, rebuilt=False)
-    except (OSError, ValueError):
-        pass
+    current = _current(out_dir, src)
+    if current is not None:
+        return current
     out_dir.mkdir(parents=True, exist_ok=True)
+    wasm = out_dir / "app.wasm"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         tmp_wasm = Path(tmp) / "app.wasm"
@@ -325,10 +324,15 @@ def build_dev_component(store: Path) -> BuildResult:
                     "componentize_py": metadata.version("componentize-py"),
                     "build_seconds": round(time.perf_counter() - started, 2)}
         os.replace(tmp_wasm, wasm)
-        tmp_manifest = Path(tmp) / "manifest.json"
-        tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp_manifest, manifest_path)
+        _publish_manifest(manifest, Path(tmp), out_dir)
     return BuildResult(wasm, manifest, rebuilt=True)
+
+
+def _publish_manifest(manifest: dict, tmp: Path, out_dir: Path) -> None:
+    """Write the manifest last, through a rename: readers see the build before or after, never half."""
+    tmp_manifest = tmp / "manifest.json"
+    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp_manifest, out_dir / "manifest.json")
 
 
 def finish_browser(result: BuildResult) -> BuildResult:
@@ -347,9 +351,7 @@ def finish_browser(result: BuildResult) -> BuildResult:
         if files is not None:
             shutil.rmtree(out_dir / "browser", ignore_errors=True)
             os.replace(Path(tmp) / "browser", out_dir / "browser")
-        tmp_manifest = Path(tmp) / "manifest.json"
-        tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp_manifest, out_dir / "manifest.json")
+        _publish_manifest(manifest, Path(tmp), out_dir)
     return BuildResult(result.wasm, manifest, rebuilt=result.rebuilt)
 
 

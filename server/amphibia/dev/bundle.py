@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from ..build import SDK_DIR, SERVING_ONLY, source_files
+from ..build import SDK_DIR, build_inputs, source_files
 from ..config import AppSpec
 from ..errors import BadRequest
 from .bindings import bindings
@@ -21,10 +21,8 @@ def app_files(folder: Path) -> tuple[dict[str, str], list[str]]:
     UTF-8 text, or too large). `app.toml` configures the serving, not the app: it is not sent."""
     files: dict[str, str] = {}
     skipped: list[str] = []
-    for path in source_files(folder)[:MAX_FILES]:
+    for path in build_inputs(folder)[:MAX_FILES]:
         rel = path.relative_to(folder).as_posix()
-        if rel in SERVING_ONLY:
-            continue
         try:
             data = path.read_bytes()
             if len(data) > MAX_FILE_BYTES:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -27,7 +26,7 @@ from .apps import ISOLATION_HEADERS, _pages
 from .assets import browser_model
 from .body import read_body, read_json
 from .gateway import gateway_of
-from .watch import Signature, signature
+from .watch import signatures
 
 SAVE_HEADER = "x-amphibia-dev"
 CHANGES_WAIT_S = 25.0  # a long poll answers "unchanged" after this, and the page asks again
@@ -87,7 +86,7 @@ async def dev_changes(request: Request) -> Response:
     deadline = time.monotonic() + CHANGES_WAIT_S
     seen = None
     while True:
-        now = await asyncio.to_thread(_signature, folder)
+        now = (await asyncio.to_thread(signatures, {folder}))[folder]
         if now != seen:
             seen = now
             files, _ = await asyncio.to_thread(app_files, folder)
@@ -108,13 +107,6 @@ async def dev_notes(request: Request) -> Response:
         raise BadRequest(f"expected {{\"files\": {{path: text}}}} with at most {MAX_FILES} files")
     found, stdlib = await asyncio.to_thread(notes, spec.path.resolve(), files)
     return JSONResponse({"notes": found, "stdlib": stdlib})
-
-
-def _signature(folder: Path) -> Signature | None:
-    try:
-        return signature(folder)
-    except OSError:
-        return None
 
 
 async def dev_save(request: Request) -> Response:

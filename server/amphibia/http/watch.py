@@ -16,36 +16,34 @@ its build decides, as before.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from ..build import SERVING_ONLY, BuildError, background_priority, build_dev_component, check_syntax, source_files
+from amphibia_guest.http import TRIAL_IMPORT
+
+from ..build import BuildError, background_priority, build_dev_component, build_inputs, check_syntax, source_hash
 from ..config import AppSpec
 from ..sandbox.runtime import HttpRequest
-from .gateway import Built, Gateway, LoadedApp, _in_daemon_thread, component_of, update_apps
+from .gateway import Built, Gateway, _in_daemon_thread, component_of, update_apps
 
 log = logging.getLogger("amphibia.watch")
 Signature = tuple[tuple[str, int, int], ...]
-IMPORT = "AMPHIBIA-IMPORT"  # the dev entry's trial import (dev_entry.IMPORT; no HTTP route takes it)
 KEEP_SOURCES = 3  # staged edits kept per app: a request in flight may still import from an older one
 
 
 def signature(folder: Path) -> Signature:
     """What changes when a file an app's build reads changes: names, sizes and modification times."""
     out = []
-    for path in source_files(folder):
-        rel = path.relative_to(folder).as_posix()
-        if rel not in SERVING_ONLY:
-            st = path.stat()
-            out.append((rel, st.st_mtime_ns, st.st_size))
+    for path in build_inputs(folder):
+        st = path.stat()
+        out.append((path.relative_to(folder).as_posix(), st.st_mtime_ns, st.st_size))
     return tuple(out)
 
 
-def _signatures(folders: set[Path]) -> dict[Path, Signature]:
+def signatures(folders: set[Path]) -> dict[Path, Signature]:
     out: dict[Path, Signature] = {}
     for folder in folders:
         try:
@@ -59,12 +57,8 @@ def stage(folder: Path, into: Path, keep: frozenset[Path] = frozenset()) -> Path
     """A copy of the app's files (as a build sees them) under `into`, named by their contents, for
     the guest to import (mounted read-only); older copies beyond KEEP_SOURCES are removed, never one
     in `keep` (what serves now)."""
-    files = [p for p in source_files(folder) if p.relative_to(folder).as_posix() not in SERVING_ONLY]
-    h = hashlib.sha256()
-    for path in files:
-        h.update(f"{path.relative_to(folder).as_posix()}\0".encode())
-        h.update(hashlib.sha256(path.read_bytes()).digest())
-    target = into / h.hexdigest()[:20]
+    files = build_inputs(folder)
+    target = into / source_hash(folder)[:20]
     if not target.is_dir():
         tmp = into / f".{target.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -116,11 +110,10 @@ async def serve_edit(gateway: Gateway, spec: AppSpec, wanted: Callable[[], bool]
         staged = await asyncio.to_thread(stage, folder, gateway.config.server.cache_dir / "sources" / spec.name, in_use)
     except (BuildError, OSError):
         return False  # its build reports it
-    before = gateway.apps.get(spec.name)
-    candidate = LoadedApp(replace(spec, source=staged), dev, before.page if before is not None else None)
+    candidate = dev.serve_as(replace(spec, source=staged), gateway.apps.get(spec.name))
     try:
         component = await component_of(gateway, candidate)
-        trial = await gateway.runtime.handle_async(candidate.spec, component, HttpRequest(IMPORT, "/"),
+        trial = await gateway.runtime.handle_async(candidate.spec, component, HttpRequest(TRIAL_IMPORT, "/"),
                                                    f"dev-import-{spec.name}")
     except Exception as exc:  # noqa: BLE001 - a trap or a timeout: the build decides
         log.info("app %s: the dev component cannot run this edit (%s); its build will serve it", spec.name, exc)
@@ -144,7 +137,7 @@ async def watch_apps(gateway: Gateway, startup: "asyncio.Task[None] | None" = No
     land after a newer one."""
     specs = list(gateway.config.apps.values())
     folders = {spec.path.resolve() for spec in specs}
-    watcher = Watcher(gateway, specs, await asyncio.to_thread(_signatures, folders))
+    watcher = Watcher(gateway, specs, await asyncio.to_thread(signatures, folders))
     if startup is not None:
         await asyncio.shield(startup)
     log.info("watching %d app folder(s) for changes", len(folders))
@@ -152,7 +145,7 @@ async def watch_apps(gateway: Gateway, startup: "asyncio.Task[None] | None" = No
     try:
         while True:
             await asyncio.sleep(interval_s)
-            watcher.poll(await asyncio.to_thread(_signatures, folders))
+            watcher.poll(await asyncio.to_thread(signatures, folders))
     finally:
         if dev is not None:
             dev.cancel()
@@ -166,7 +159,10 @@ class Watcher:
 
     def __init__(self, gateway: Gateway, specs: list[AppSpec], seen: dict[Path, Signature]) -> None:
         self.gateway = gateway
-        self.specs = specs
+        # folder -> its apps, resolved once here and not on every poll (1,000 apps may share a folder)
+        self.apps: dict[Path, list[AppSpec]] = {folder: [] for folder in seen}
+        for spec in specs:
+            self.apps[spec.path.resolve()].append(spec)
         self.seen = seen
         self.edit: dict[Path, int] = {folder: 0 for folder in seen}  # newest edit seen
         self.built: dict[Path, int] = {folder: 0 for folder in seen}  # newest edit whose build ended
@@ -176,7 +172,7 @@ class Watcher:
 
     def poll(self, now: dict[Path, Signature]) -> None:
         for folder, signature_now in now.items():
-            apps = [spec for spec in self.specs if spec.path.resolve() == folder]
+            apps = self.apps[folder]
             if signature_now != self.seen[folder]:
                 self.seen[folder] = signature_now
                 self.edit[folder] += 1
@@ -184,7 +180,7 @@ class Watcher:
                 n = self.edit[folder]
                 log.info("%s changed: rebuilding %s (%s meanwhile)", folder, ", ".join(s.name for s in apps),
                          "served from source" if self.gateway.dev_component else "the current build serves")
-                for spec in apps:  # at once, even while an older edit builds
+                for spec in apps if self.gateway.dev_component is not None else ():  # at once, even mid-build
                     trial = asyncio.create_task(serve_edit(self.gateway, spec, lambda f=folder, n=n: self._newest(f, n)))
                     self.trials.add(trial)
                     trial.add_done_callback(self.trials.discard)
